@@ -804,6 +804,9 @@ def load_program(path: Path, device: str):
     check_archive(path)
     try:
         ep = torch.export.load(str(path))
+        # Functionalize: in-place writes to buffers, parameters or the input (state that could
+        # tell the causality check from the scoring) become explicit mutations in the signature.
+        ep = ep.run_decompositions({})
     except Exception as e:
         raise Invalid(f"torch.export.load failed: {type(e).__name__}: {str(e)[:200]}") from None
     check_program(ep)
