@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # apt-get needs root: prefix sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps prepare test bench clean
+.PHONY: install system-deps prepare images test bench clean
 
 install: system-deps $(PY)
 	$(PIP) install $(TORCH_SPEC)
@@ -36,6 +36,10 @@ $(PY):
 
 prepare:
 	$(AUTORESEARCH) prepare
+
+# The base image every container runs from (the offline Debian one unless AUTORESEARCH_BASE=cuda).
+images:
+	$(AUTORESEARCH) images build
 
 # pytest exits 5 when it collects nothing: say so, and fail like any other error.
 test:

@@ -163,6 +163,67 @@ def run_streaming(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+@autoresearch.group(short_help="Build and list the container images.")
+def images() -> None:
+    """The base image every container runs from, and the per-experiment images.
+
+    The base is either the offline one (a Debian root made with debootstrap from apt's mirror,
+    torch from the wheel pip finds locally: no registry needed; the default) or the CUDA one
+    (images/base.Dockerfile, FROM an official CUDA PyTorch image; AUTORESEARCH_BASE=cuda makes
+    it the default). Its tag carries the hash of its recipe, so an unchanged base is not rebuilt.
+    """
+
+
+@images.command("build", short_help="Build the base image if it is missing.")
+@click.option(
+    "--offline/--cuda",
+    "offline",
+    default=None,
+    help="Which base: the offline Debian one, or the CUDA one (needs a registry). "
+    "Default: offline unless AUTORESEARCH_BASE=cuda.",
+)
+@click.option("--rebuild", is_flag=True, help="Build even if the tag already exists.")
+def images_build(offline: bool | None, rebuild: bool) -> None:
+    """Build the base image (offline: about two minutes from scratch) and print its tag."""
+    import time
+
+    from runner.sandbox import images as img
+
+    if offline is None:
+        offline = img.default_offline()
+    start = time.perf_counter()
+    try:
+        tag = img.ensure_base(offline, rebuild=rebuild, log=lambda line: click.echo(line, err=True))
+    except img.ImageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{tag}  ({time.perf_counter() - start:.1f}s)")
+
+
+@images.command("list", short_help="List the autoresearch images.")
+def images_list() -> None:
+    """List base and experiment images (autoresearch/*); '*' marks the current base tags."""
+    from runner.sandbox import images as img
+
+    try:
+        cli = img.client()
+    except img.ImageError as exc:
+        raise click.ClickException(str(exc)) from exc
+    current = {img.base_tag(True), img.base_tag(False)}
+    rows = []
+    for image in cli.images.list(filters={"reference": "autoresearch/*"}):
+        for tag in image.tags or ["<none>"]:
+            created = image.attrs.get("Created", "")[:19].replace("T", " ")
+            rows.append((tag, image.short_id.removeprefix("sha256:"), created,
+                         f"{image.attrs.get('Size', 0) / 2**20:,.0f} MB"))
+    if not rows:
+        click.echo("no autoresearch images; build the base with `autoresearch images build`")
+        return
+    width = max(len(r[0]) for r in rows)
+    for tag, short_id, created, size in sorted(rows):
+        mark = "*" if tag in current else " "
+        click.echo(f"{mark} {tag:<{width}}  {short_id}  {created}  {size:>9}")
+
+
 def main() -> None:
     """Console-script entry point (``autoresearch``)."""
     autoresearch(prog_name="autoresearch")
