@@ -543,30 +543,73 @@ def load_token_bytes(folder: Path | str | None = None) -> np.ndarray:
     return np.load(folder / "token_bytes.npy", allow_pickle=False)
 
 
-def make_dataloader(folder: Path | str | None, batch_size: int, seq_len: int, device: str,
-                    seed: int = 0) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """Infinite iterator of (x, y) int64 [batch_size, seq_len] on `device`: random windows of
-    the training split, y shifted by one. Shards are memory-mapped, so memory stays flat."""
-    import torch
+def train_shards(folder: Path | str | None, holdout_tokens: int = 0) -> list[np.ndarray]:
+    """The training token shards, memory-mapped. The last `holdout_tokens` tokens are cut off:
+    train.py may hold them out to watch its own over-fitting (the real validation split is
+    never mounted into the training container)."""
     folder = Path(folder) if folder else data_dir()
     shards = [np.load(p, mmap_mode="r", allow_pickle=False)
               for p in sorted((folder / "train").glob("shard_*.npy"))]
-    shards = [s for s in shards if len(s) > seq_len + 1]
+    while holdout_tokens > 0 and shards:
+        cut = min(holdout_tokens, len(shards[-1]))
+        holdout_tokens -= cut
+        shards[-1] = shards[-1][:len(shards[-1]) - cut]
+        if len(shards[-1]) == 0:
+            shards.pop()
+    return shards
+
+
+def holdout_batches(folder: Path | str | None, holdout_tokens: int, batch_size: int,
+                    seq_len: int, device: str) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    """The held-out tail of the training split (see train_shards) as fixed (x, y) batches."""
+    import torch
+    tail = np.concatenate([np.asarray(s) for s in train_shards(folder)])[-holdout_tokens:]
+    rows = [tail[i:i + seq_len + 1] for i in range(0, len(tail) - seq_len, seq_len)]
+    batches = []
+    for i in range(0, len(rows) - batch_size + 1, batch_size):
+        batch = torch.from_numpy(np.stack(rows[i:i + batch_size]).astype(np.int64)).to(device)
+        batches.append((batch[:, :-1], batch[:, 1:]))
+    if not batches:
+        raise ValueError(f"holdout of {holdout_tokens} tokens is less than one batch")
+    return batches
+
+
+def make_dataloader(folder: Path | str | None, batch_size: int, seq_len: int, device: str,
+                    seed: int = 0, holdout_tokens: int = 0
+                    ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """Infinite iterator of (x, y) int64 [batch_size, seq_len] on `device`: random windows of
+    the training split (less its last `holdout_tokens`), y shifted by one. Shards are
+    memory-mapped, so memory stays flat; on CUDA the copy runs from reused pinned buffers."""
+    import torch
+    folder = Path(folder) if folder else data_dir()
+    shards = [s for s in train_shards(folder, holdout_tokens) if len(s) > seq_len + 1]
     if not shards:
         raise FileNotFoundError(f"no training shard in {folder / 'train'} longer than {seq_len + 1}")
     weights = np.array([len(s) - seq_len - 1 for s in shards], dtype=np.float64)
     weights /= weights.sum()
     rng = np.random.default_rng(seed)
     cuda = device.startswith("cuda")
+    slots = 3 if cuda else 1                          # buffers in flight, reused in turn
+    host = [torch.empty((batch_size, seq_len + 1), dtype=torch.int64, pin_memory=cuda)
+            for _ in range(slots)]
+    done = [None] * slots
+    n = 0
     while True:
+        slot = n % slots
+        n += 1
+        if done[slot] is not None:
+            done[slot].synchronize()                  # its last copy to the GPU has finished
+        rows = host[slot].numpy()
         which = rng.choice(len(shards), size=batch_size, p=weights)
-        rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)
-        for r, s in enumerate(which):
-            start = rng.integers(0, len(shards[s]) - seq_len - 1)
+        starts = rng.integers(0, [len(shards[s]) - seq_len - 1 for s in which])
+        for r, (s, start) in enumerate(zip(which, starts)):
             rows[r] = shards[s][start:start + seq_len + 1]
-        batch = torch.from_numpy(rows)
         if cuda:
-            batch = batch.pin_memory().to(device, non_blocking=True)
+            batch = host[slot].to(device, non_blocking=True)
+            done[slot] = torch.cuda.Event()
+            done[slot].record()
+        else:
+            batch = host[slot].clone()
         yield batch[:, :-1], batch[:, 1:]
 
 

@@ -300,3 +300,20 @@ def test_dataloader_windows_come_from_training_split(small_data: Path):
         assert window.tobytes() in text
     x2, _ = next(P.make_dataloader(small_data, 4, 64, "cpu", seed=1))
     assert (x2 == x).all()
+
+
+def test_holdout_tail_is_never_sampled_for_training(small_data: Path):
+    train = np.concatenate([np.load(p) for p in sorted((small_data / "train").glob("*.npy"))])
+    holdout = 64 * (len(train) // 256)            # a quarter: sampling it would show at once
+    tail = train[-holdout:]
+    batches = P.holdout_batches(small_data, holdout, batch_size=2, seq_len=64, device="cpu")
+    assert len(batches) == (holdout // 64 - 1) // 2
+    x, y = batches[0]
+    assert (x[0].numpy() == tail[:64]).all() and (y[0].numpy() == tail[1:65]).all()
+    loader = P.make_dataloader(small_data, 8, 64, "cpu", seed=0, holdout_tokens=holdout)
+    body = train[:-holdout].tobytes()
+    for _ in range(20):
+        x, y = next(loader)
+        for row in range(8):
+            window = np.concatenate([x[row].numpy(), y[row, -1:].numpy()]).astype(train.dtype)
+            assert window.tobytes() in body

@@ -1,0 +1,418 @@
+"""Train a small GPT for a fixed time budget, then export it for scoring.
+
+Usage:
+    PYTHONPATH=prepare python target/train.py
+    AUTORESEARCH_TIME_BUDGET=5 PYTHONPATH=prepare python target/train.py   # quick check
+
+Trains for prepare.TIME_BUDGET seconds of training time (compilation and the first
+few steps are not counted), prints a progress line about every PRINT_EVERY_S seconds,
+exports the model with torch.export to $AUTORESEARCH_OUT/model.pt2 (default ./out),
+and ends with a `---` line followed by `key: value` summary lines.
+
+The exported program takes one int64 tensor idx [B, T] (T <= prepare.SEQ_LEN) and
+returns float32 next-token logits [B, T, vocab_size]. The scorer computes val bpb.
+"""
+
+import contextlib
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prepare
+
+# ---- Settings ----
+# Sizes depend on the device: about 50M parameters on a GPU, a toy model on CPU so
+# that a few seconds on 2 cores still make progress.
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEVICE == "cuda"
+
+# Model
+DEPTH = 8 if GPU else 2                  # transformer blocks
+WIDTH = 640 if GPU else 64               # residual stream width (d_model)
+HEAD_DIM = 128 if GPU else 16            # per-head width; n_heads = WIDTH // HEAD_DIM
+MLP_RATIO = 4                            # MLP hidden width = MLP_RATIO * WIDTH
+ROPE_BASE = 10000.0                      # rotary embedding base frequency
+LOGIT_SOFTCAP = 15.0                     # logits = cap * tanh(logits / cap); 0 disables
+DROPOUT = 0.2 if GPU else 0.0            # residual dropout: small data sets are seen many times
+
+# Data and batch
+SEQ_LEN = prepare.SEQ_LEN if GPU else 128   # training context length
+DEVICE_BATCH = 64 if GPU else 16            # sequences per forward/backward pass
+TOTAL_BATCH = 2**18 if GPU else 16 * 128    # tokens per optimizer step (gradient accumulation)
+
+# Optimizers: Muon for the 2-D matrices inside blocks, AdamW for everything else
+MATRIX_LR = 0.02 if GPU else 0.05        # Muon learning rate
+MUON_MOMENTUM = 0.95                     # Muon (nesterov) momentum
+NS_STEPS = 5                             # Newton-Schulz iterations per Muon step
+EMBED_LR = 0.3 if GPU else 0.1           # AdamW learning rate of the token embedding
+HEAD_LR = 0.004 if GPU else 0.03         # AdamW learning rate of the lm_head
+ADAM_BETAS = (0.8, 0.95)                 # AdamW betas
+WEIGHT_DECAY = 0.0                       # AdamW weight decay
+
+# Learning-rate schedule, as fractions of the TIME budget (not of steps)
+WARMUP_FRAC = 0.02                       # linear warm-up from 0
+WARMDOWN_FRAC = 0.4                      # linear decay over the last part of the budget
+FINAL_LR_FRAC = 0.05                     # lr multiplier at the end of the decay
+
+# Over-fitting watch: the tail of the training split is held out and scored every few
+# seconds; the best weights seen are the ones exported (the real validation split is never
+# available here). Five minutes on an H100 is hundreds of passes over a 5 MB text.
+HOLDOUT_TOKENS = 2**16 if GPU else 2**11 # training tokens held out (not trained on)
+EVAL_EVERY_S = 10.0 if GPU else 1.0      # seconds of training between holdout checks
+
+# Run
+TIME_BUDGET = prepare.TIME_BUDGET        # seconds of training time
+UNTIMED_STEPS = 10 if GPU else 2         # first steps (compilation, warm-up) not timed
+PRINT_EVERY_S = 5.0 if GPU else 0.5      # seconds between progress lines
+COMPILE = GPU                            # torch.compile is far too slow on 2 CPU cores
+H100_BF16_PEAK = 989.5e12                # dense bf16 FLOP/s, for MFU
+
+# ---- Model ----
+
+
+def norm(x):
+    # RMSNorm without a learnable weight.
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    # x: [B, H, T, D]. Rotate the two halves of each head as pairs of coordinates.
+    # cos/sin are float32, so bf16 inputs are promoted (autocast casts back for attention).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n_heads = WIDTH // HEAD_DIM
+        # Separate q/k/v matrices so Muon orthogonalises each one on its own.
+        self.c_q = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.c_k = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.c_v = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.c_proj = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_heads, HEAD_DIM).transpose(1, 2)
+                   for lin in (self.c_q, self.c_k, self.c_v))
+        # QK-norm keeps attention logits bounded, which allows higher learning rates.
+        q, k = norm(q), norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # An explicit contiguous copy, not reshape(): an exported reshape becomes a view
+        # that only fits the memory layout of the attention kernel it was traced with,
+        # and the CUDA and CPU kernels lay their outputs out differently.
+        y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, T, C)
+        return F.dropout(self.c_proj(y), DROPOUT, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = nn.Linear(WIDTH, MLP_RATIO * WIDTH, bias=False)
+        self.c_proj = nn.Linear(MLP_RATIO * WIDTH, WIDTH, bias=False)
+
+    def forward(self, x):
+        return F.dropout(self.c_proj(F.relu(self.c_fc(x)).square()), DROPOUT, self.training)  # ReLU²
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+        self.mlp = MLP()
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(norm(x), cos, sin)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, max_len):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, WIDTH)
+        self.blocks = nn.ModuleList(Block() for _ in range(DEPTH))
+        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)
+        # RoPE tables for every position the scorer may ask for. Not persistent: they
+        # are recomputed from the constants, so they need not be in a state dict.
+        inv_freq = ROPE_BASE ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, None], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, None], persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.normal_(self.wte.weight, std=1.0)        # normed right away, so scale is free
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                bound = (3 / lin.in_features) ** 0.5     # uniform with std 1/sqrt(fan_in)
+                nn.init.uniform_(lin.weight, -bound, bound)
+            # Output projections start at zero: each block starts as the identity.
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def forward(self, idx):
+        T = idx.size(1)
+        x = norm(self.wte(idx))
+        cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        x = norm(x)
+        logits = self.lm_head(x)
+        # Softcap and loss in float32. Under autocast the lm_head returns bf16; the exported
+        # model is all float32, so there the branch is skipped and the graph holds no cast
+        # (torch.export pins every cast to the device it was traced on).
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if LOGIT_SOFTCAP > 0:
+            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        return logits
+
+
+# ---- Optimizer ----
+
+
+def newton_schulz(G, steps):
+    """Approximately orthogonalise each matrix of G [N, rows, cols]: push all singular
+    values towards 1 with a quintic iteration, in bf16 (it tolerates the low precision)."""
+    a, b, c = 3.4445, -4.7750, 2.0315    # coefficients chosen for fast convergence near 0
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:                             # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)   # spectral norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then replace the update with its nearest orthogonal matrix.
+    One param group per shape so same-shaped matrices are orthogonalised in one batch."""
+
+    def __init__(self, params, lr, momentum, ns_steps):
+        params = list(params)
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, mom = group["params"], group["momentum"]
+            updates = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)
+                updates.append(p.grad.lerp(buf, mom))          # nesterov look-ahead
+            orth = newton_schulz(torch.stack(updates), group["ns_steps"])
+            rows, cols = params[0].shape
+            # Orthogonal updates have unit singular values; tall matrices get a boost
+            # so the per-element update size does not shrink with the aspect ratio.
+            lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+            for p, u in zip(params, orth):
+                p.add_(u.to(p.dtype), alpha=-lr)
+
+
+def lr_multiplier(progress):
+    # progress = training seconds / TIME_BUDGET, in [0, 1].
+    if progress < WARMUP_FRAC:
+        return progress / WARMUP_FRAC
+    if progress < 1 - WARMDOWN_FRAC:
+        return 1.0
+    decay = (1 - progress) / WARMDOWN_FRAC
+    return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * max(decay, 0.0)
+
+
+# ---- Setup ----
+
+t_start = time.time()
+torch.manual_seed(prepare.SEED)
+if GPU:
+    torch.cuda.manual_seed(prepare.SEED)
+    torch.set_float32_matmul_precision("high")
+
+data_dir = prepare.data_dir()
+vocab_size = prepare.load_meta(data_dir)["vocab_size"]
+max_len = max(SEQ_LEN, prepare.SEQ_LEN)
+
+model = GPT(vocab_size, max_len).to(DEVICE)
+model.init_weights()
+num_params = sum(p.numel() for p in model.parameters())
+# FLOPs per token: 6 per weight (forward + backward) for all matmul weights (the
+# embedding is a lookup), plus attention scores and values: 12 * depth * width * seq.
+flops_per_token = 6 * (num_params - model.wte.weight.numel()) + 12 * DEPTH * WIDTH * SEQ_LEN
+
+matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+assert len(matrices) == len(list(model.parameters())) - 2   # everything else: wte, lm_head
+adam_groups = [
+    {"params": [model.wte.weight], "lr": EMBED_LR},
+    {"params": [model.lm_head.weight], "lr": HEAD_LR},
+]
+optimizers = [
+    Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, ns_steps=NS_STEPS),
+    torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=WEIGHT_DECAY,
+                      fused=GPU),
+]
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+
+tokens_per_micro = DEVICE_BATCH * SEQ_LEN
+assert TOTAL_BATCH % tokens_per_micro == 0, "TOTAL_BATCH must be a multiple of one micro-batch"
+accum_steps = TOTAL_BATCH // tokens_per_micro
+loader = prepare.make_dataloader(data_dir, DEVICE_BATCH, SEQ_LEN, DEVICE, seed=prepare.SEED,
+                                 holdout_tokens=HOLDOUT_TOKENS)
+holdout = prepare.holdout_batches(data_dir, HOLDOUT_TOKENS, min(DEVICE_BATCH, 8), SEQ_LEN, DEVICE)
+
+
+def loss_fn(x, y):
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+# Compile the loss (model + cross-entropy) so the float32 logits need not be kept whole.
+train_loss = torch.compile(loss_fn) if COMPILE else loss_fn
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if GPU else contextlib.nullcontext()
+
+
+def sync():
+    if GPU:
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def holdout_loss():
+    model.eval()
+    total = 0.0
+    for hx, hy in holdout:
+        with autocast:
+            total += loss_fn(hx, hy).item()
+    model.train()
+    return total / len(holdout)
+
+
+print(f"device: {DEVICE}  params: {num_params / 1e6:.2f}M  vocab: {vocab_size}  "
+      f"depth: {DEPTH}  width: {WIDTH}  seq: {SEQ_LEN}  accum: {accum_steps}  "
+      f"budget: {TIME_BUDGET}s", flush=True)
+
+# ---- Training ----
+# The first UNTIMED_STEPS steps run at progress 0 and so at learning rate 0: they pay
+# for compilation and fill the optimizer statistics without moving the weights.
+
+step = 0
+training_seconds = 0.0
+smooth_loss = 0.0
+last_print = time.time()
+next_eval = EVAL_EVERY_S
+best_loss, best_state, best_at = float("inf"), None, 0.0
+x, y = next(loader)
+while True:
+    sync()
+    t0 = time.time()
+    progress = min(training_seconds / TIME_BUDGET, 1.0)
+    lr_mult = lr_multiplier(progress)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+
+    for _ in range(accum_steps):
+        with autocast:
+            loss = train_loss(x, y)
+        (loss / accum_steps).backward()
+        x, y = next(loader)                  # fetch the next batch while the GPU works
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+    loss_value = loss.item()                 # also waits for the GPU
+    sync()
+    dt = time.time() - t0
+    if step >= UNTIMED_STEPS:
+        training_seconds += dt
+    step += 1
+    if not math.isfinite(loss_value):
+        raise SystemExit(f"loss is {loss_value} at step {step}: diverged")
+
+    # Bias-corrected exponential moving average of the loss.
+    smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+    shown_loss = smooth_loss / (1 - 0.9**step)
+    done = training_seconds >= TIME_BUDGET
+    if time.time() - last_print >= PRINT_EVERY_S or done:
+        last_print = time.time()
+        tok_s = TOTAL_BATCH / dt
+        mfu = f"  mfu {100 * tok_s * flops_per_token / H100_BF16_PEAK:4.1f}%" if GPU else ""
+        print(f"step {step:5d}  {100 * progress:5.1f}%  loss {shown_loss:.4f}  lr {lr_mult:.3f}  "
+              f"tok/s {tok_s:9.0f}{mfu}  left {max(TIME_BUDGET - training_seconds, 0):5.1f}s",
+              flush=True)
+    if training_seconds >= next_eval or done:
+        # Not timed: checking for over-fitting is bookkeeping, not training.
+        next_eval = training_seconds + EVAL_EVERY_S
+        loss_h = holdout_loss()
+        if loss_h < best_loss:
+            best_loss, best_at = loss_h, training_seconds
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"holdout loss {loss_h:.4f} at {training_seconds:.0f}s (best {best_loss:.4f} at "
+              f"{best_at:.0f}s)", flush=True)
+    if done:
+        break
+
+# ---- Export ----
+# Export the eager model (not the compiled wrapper) as it is: float32 weights, float32
+# logits. With no casts in the graph the program runs on whatever device it is moved to.
+
+t_export = time.time()
+out_dir = os.environ.get("AUTORESEARCH_OUT", "./out")
+os.makedirs(out_dir, exist_ok=True)
+model.load_state_dict(best_state)
+model.eval()
+# Example with batch and seq > 1: torch.export specialises dimensions of size 0 or 1.
+example = torch.randint(0, vocab_size, (2, 16), device=DEVICE)
+dims = {"idx": {0: torch.export.Dim("batch", min=1, max=4096),
+                1: torch.export.Dim("seq", min=1, max=max_len)}}
+with torch.no_grad():
+    program = torch.export.export(model, (example,), dynamic_shapes=dims)
+torch.export.save(program, os.path.join(out_dir, "model.pt2"))
+export_seconds = time.time() - t_export
+
+# ---- Summary ----
+
+if GPU:
+    peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+else:
+    peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH
+tokens_per_second = timed_tokens / max(training_seconds, 1e-9)
+summary = {
+    "train_loss": f"{shown_loss:.4f}",
+    "holdout_loss": f"{best_loss:.4f}",
+    "best_at_seconds": f"{best_at:.1f}",
+    "training_seconds": f"{training_seconds:.1f}",
+    "total_seconds": f"{time.time() - t_start:.1f}",
+    "num_steps": step,
+    "total_tokens_M": f"{step * TOTAL_BATCH / 1e6:.1f}",
+    "tokens_per_second": f"{tokens_per_second:.0f}",
+    "num_params_M": f"{num_params / 1e6:.2f}",
+    "peak_memory_mb": f"{peak_memory_mb:.0f}",
+    "depth": DEPTH,
+    "export_seconds": f"{export_seconds:.1f}",
+}
+if GPU:
+    summary["mfu_percent"] = f"{100 * tokens_per_second * flops_per_token / H100_BF16_PEAK:.2f}"
+print("---")
+for key, value in summary.items():
+    print(f"{key}: {value}")
+sys.stdout.flush()
