@@ -15,17 +15,33 @@ PYTEST_ARGS ?=
 # apt-get needs root: prefix sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps prepare images test bench clean
+.PHONY: install system-deps python-deps engine prepare images test bench clean
 
-install: system-deps $(PY)
+# Everything the tests need, from a bare machine: system packages, the virtualenv, a running
+# Docker engine and the offline base image.
+install: system-deps python-deps engine images
+
+python-deps: $(PY)
 	$(PIP) install $(TORCH_SPEC)
 	$(PIP) install -e '.[dev]'
+
+# Start dockerd when no engine answers (machines without systemd, such as CI containers).
+engine:
+	@if docker info >/dev/null 2>&1; then echo "docker engine: running"; else \
+		echo "starting dockerd (log: /var/log/dockerd.log)"; \
+		$(SUDO) sh -c 'nohup dockerd > /var/log/dockerd.log 2>&1 &'; \
+		for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+		docker info >/dev/null 2>&1 || { tail -n 30 /var/log/dockerd.log; \
+			echo "dockerd did not start"; exit 1; }; \
+	fi
 
 # System packages: only what is missing, so a ready machine needs no root and no network.
 system-deps:
 	@missing=""; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v git >/dev/null 2>&1 || missing="$$missing git"; \
+	command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
