@@ -163,6 +163,80 @@ def run_streaming(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+@autoresearch.command(short_help="Build, train and score one train.py in a sealed container.")
+@click.argument("train_py", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--budget", type=click.IntRange(1), default=None,
+              help="Training seconds (default: prepare.py's TIME_BUDGET, 300).")
+@click.option("--backend", type=click.Choice(["docker", "process"]), default="docker",
+              show_default=True,
+              help="docker: the sealed container. process: a plain subprocess that isolates "
+              "nothing (for GPU machines without a container engine).")
+@click.option("--gpu", default=None, metavar="ID", help="Train and score on this GPU (default: CPU).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--memory", type=float, default=None, metavar="GB",
+              help="RAM limit of the training container (default: 3/4 of this machine, at most 64).")
+@click.option("--cpus", type=float, default=None, help="CPU limit (default: all cores, at most 8).")
+@click.option("--startup", type=click.IntRange(1), default=None, metavar="S",
+              help="Seconds allowed on top of the budget before the hard kill (default: 240).")
+@click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True,
+              help="Score fewer validation tokens (tests only).")
+@click.option("--artifact-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Copy the trained model.pt2 here.")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON record on stdout.")
+def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
+          data_dir: Path | None, seed: int, memory: float | None, cpus: float | None,
+          startup: int | None, eval_tokens: int | None, artifact_dir: Path | None,
+          as_json: bool) -> None:
+    """Run TRAIN_PY once: build its image, train it for the budget, score it.
+
+    The record's status is ok, crash, timeout, oom or invalid; the exit code is 0 whenever
+    the trial ran, whatever its status, and non-zero only when it could not run (no Docker
+    engine, no base image, no prepared data).
+    """
+    import dataclasses
+    import json
+
+    from runner.paths import data_dir as default_data_dir
+    from runner.sandbox import InfrastructureError, TrialSpec
+    from runner.sandbox.images import ImageError
+    from runner.trial import default_limits, run_trial
+
+    limits = default_limits(gpu)
+    if memory is not None:
+        limits = dataclasses.replace(limits, memory_bytes=int(memory * 2**30))
+    if cpus is not None:
+        limits = dataclasses.replace(limits, cpus=cpus)
+    if startup is not None:
+        limits = dataclasses.replace(limits, startup_s=startup)
+    if budget is None:
+        budget = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))
+    spec = TrialSpec(train_py=train_py.resolve(), data_dir=(data_dir or default_data_dir()).resolve(),
+                     budget=budget, seed=seed, gpu=gpu, limits=limits, eval_tokens=eval_tokens,
+                     artifact_dir=artifact_dir)
+    say = (lambda line: click.echo(line, err=True))
+    if backend == "process":
+        say("WARNING: --backend process isolates nothing: train.py runs as you, on this machine.")
+    try:
+        record = run_trial(spec, backend, log=say)
+    except (InfrastructureError, ImageError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    bpb = f"{record['val_bpb']:.6f}" if record["val_bpb"] is not None else "-"
+    phases = "  ".join(f"{k} {v:.2f}s" for k, v in record["phases"].items())
+    click.echo(f"status      {record['status']}" + (f"  ({record['reason']})" if record["reason"] else ""))
+    click.echo(f"val_bpb     {bpb}")
+    click.echo(f"image       {record['image_tag'] or '-'}")
+    click.echo(f"training    {record['training_seconds'] or '-'} s   memory {record['memory_gb'] or '-'} GB")
+    click.echo(f"phases      {phases}")
+    if record["status"] != "ok" and record["log_tail"]:
+        click.echo("log tail (candidate output, untrusted):")
+        click.echo("\n".join(record["log_tail"].splitlines()[-15:]))
+
+
 @autoresearch.group(short_help="Build and list the container images.")
 def images() -> None:
     """The base image every container runs from, and the per-experiment images.

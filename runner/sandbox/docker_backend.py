@@ -1,0 +1,346 @@
+"""The docker backend: the real isolation (the default).
+
+One trial is three containers and one volume, all labelled ``autoresearch.run=<run>`` and
+removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
+
+- the **output volume**: a tmpfs of ``limits.out_bytes`` and ``limits.out_files``, owned by the
+  candidate's uid: the only place the candidate can write besides a small ``/tmp``. A tmpfs
+  lives only while some container mounts it, so a tiny **holder** container (base image,
+  ``sleep``) keeps it mounted from before training until the scorer is done and the artifact
+  has been copied out.
+- the **training container**: the experiment image (base + ``COPY train.py``), run as uid 10001
+  with no network, a read-only root, every capability dropped, no-new-privileges, pids, memory
+  and CPU limits, ``prepare.py`` and the *training* part of the data mounted read-only, the
+  validation split absent, an environment with nothing of the host's in it, and one GPU by
+  device request when the spec names one. The host kills it at ``budget + limits.startup_s``.
+- the **scoring container**: the *base* image (no candidate code), the same restrictions, the
+  whole data set and the output volume read-only; it runs ``prepare.py score`` and prints one
+  JSON line, which is the score. Nothing the candidate printed is ever read as a score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import socket
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+
+from runner.paths import PREPARE_PY
+from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
+                            escape_log, parse_score, parse_summary, training_view)
+from runner.sandbox import images
+
+UID = "10001:10001"
+LABEL_RUN = "autoresearch.run"
+LABEL_OWNER = "autoresearch.owner"          # host:pid of the runner that made it
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+TAG_REPO = "autoresearch/exp"
+SCORE_CMD = ["python", "-I", "/app/prepare.py", "score", "--model", "/model/model.pt2",
+             "--data-dir", "/data"]
+
+
+def sanitize(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:limit] or "x"
+
+
+def experiment_tag(spec: TrialSpec, train_sha: str) -> str:
+    sha7 = (spec.labels.get("autoresearch.commit") or train_sha)[:7]
+    return f"{TAG_REPO}:{sanitize(spec.run)}-{spec.number}-{sha7}"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def image_labels(spec: TrialSpec, base_id: str, train_sha: str) -> dict[str, str]:
+    """What a later `reproduce` needs to rerun this image and to refuse when things differ."""
+    return {
+        LABEL_RUN: spec.run,
+        "autoresearch.number": str(spec.number),
+        "autoresearch.base": base_id,
+        "autoresearch.train_sha256": train_sha,
+        "autoresearch.prepare_sha256": sha256_file(PREPARE_PY),
+        "autoresearch.data_manifest_sha256": sha256_file(spec.data_dir / "manifest.json"),
+        "autoresearch.seed": str(spec.seed),
+        "autoresearch.budget": str(spec.budget),
+        **spec.labels,
+    }
+
+
+def hardening(spec: TrialSpec) -> dict[str, Any]:
+    """Container options shared by every container of a trial."""
+    return dict(
+        user=UID,
+        network_mode="none",
+        read_only=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        ipc_mode="private",
+        init=True,                                    # reaps and forwards; PID 1 is not ours
+        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER},
+        log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+        ulimits=[Ulimit(name="core", soft=0, hard=0)],
+    )
+
+
+def gpu_request(spec: TrialSpec) -> list[DeviceRequest]:
+    return [DeviceRequest(device_ids=[str(spec.gpu)], capabilities=[["gpu"]])] if spec.gpu else []
+
+
+def ro(source: Path, target: str) -> Mount:
+    return Mount(target=target, source=str(Path(source).resolve()), type="bind", read_only=True)
+
+
+def remove_orphans(cli: docker.DockerClient | None = None, log: Log | None = None) -> int:
+    """Remove containers and volumes left by runners that are gone (same host, dead pid)."""
+    cli = cli or images.client()
+    host = socket.gethostname()
+    removed = 0
+
+    def orphan(labels: dict[str, str]) -> bool:
+        owner = labels.get(LABEL_OWNER, "")
+        name, _, pid = owner.rpartition(":")
+        if name != host or not pid.isdigit():
+            return False
+        if int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+            return False                              # that runner still lives
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+    for c in cli.containers.list(all=True, filters={"label": LABEL_OWNER}):
+        if orphan(c.labels):
+            c.remove(force=True)
+            removed += 1
+    for v in cli.volumes.list(filters={"label": LABEL_OWNER}):
+        if orphan(v.attrs.get("Labels") or {}):
+            try:
+                v.remove(force=True)
+                removed += 1
+            except docker.errors.APIError:
+                pass
+    if removed and log:
+        log(f"removed {removed} container(s)/volume(s) left by a runner that is gone")
+    return removed
+
+
+def bounded_logs(container, limit: int, stdout: bool = True, stderr: bool = True) -> str:
+    """The last `limit` bytes of a container's output (docker keeps at most 1 MB anyway)."""
+    try:
+        raw = container.logs(stdout=stdout, stderr=stderr, tail=2000)
+    except docker.errors.APIError:
+        return ""
+    return raw[-limit:].decode("utf-8", errors="replace")
+
+
+def copy_out(container, path: str, dest: Path, max_bytes: int) -> bool:
+    """Copy one regular file out of a container without following links: a symlink, device,
+    FIFO or folder in its place is refused. Returns whether a file was copied."""
+    try:
+        stream, stat = container.get_archive(path)
+    except docker.errors.NotFound:
+        return False
+    if stat.get("size", 0) > max_bytes:
+        return False
+    buf = io.BytesIO()
+    for chunk in stream:
+        buf.write(chunk)
+        if buf.tell() > max_bytes + 1024 * 1024:
+            return False
+    buf.seek(0)
+    with tarfile.open(fileobj=buf, mode="r:") as tar:
+        members = tar.getmembers()
+        if len(members) != 1 or not members[0].isreg():
+            return False
+        src = tar.extractfile(members[0])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(tmp, "wb") as f:
+            while block := src.read(1 << 20):        # type: ignore[union-attr]
+                f.write(block)
+        os.replace(tmp, dest)
+    return True
+
+
+def peak_memory(container, stop: threading.Event, result: dict) -> None:
+    """Sample the container's memory use until `stop` (cgroup v1 reports max_usage itself)."""
+    try:
+        for stats in container.stats(stream=True, decode=True):
+            mem = stats.get("memory_stats") or {}
+            value = mem.get("max_usage") or mem.get("usage") or 0
+            result["peak"] = max(result.get("peak", 0), int(value))
+            if stop.is_set():
+                break
+    except Exception:
+        pass
+
+
+def run(spec: TrialSpec, log: Log) -> Outcome:
+    cli = images.client()
+    base = spec.base_image or images.default_base_tag()
+    if not images.base_exists(base, cli):
+        raise InfrastructureError(f"no base image {base}: build it with `autoresearch images build` "
+                                  "(or `make images`)")
+    training = training_view(spec.data_dir)
+    lim = spec.limits
+    train_sha = sha256_file(spec.train_py)
+    tag = experiment_tag(spec, train_sha)
+    labels = image_labels(spec, cli.images.get(base).id, train_sha)
+    phases: dict[str, float] = {}
+    outcome = Outcome(status="crash", backend="docker", image_tag=tag, phases=phases)
+    suffix = f"{sanitize(spec.run, 20)}-{spec.number}-{uuid.uuid4().hex[:8]}"
+    containers: list = []
+    volume = None
+    common = hardening(spec)
+    env = {"AUTORESEARCH_TIME_BUDGET": str(spec.budget), "AUTORESEARCH_SEED": str(spec.seed),
+           "AUTORESEARCH_DATA_DIR": "/data", "AUTORESEARCH_OUT": "/out", "HOME": "/tmp",
+           "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
+    try:
+        # ---- build ----
+        t0 = time.perf_counter()
+        outcome.image_id, _ = images.build_experiment(spec.train_py, base, tag, labels)
+        phases["build"] = time.perf_counter() - t0
+
+        # ---- output volume, kept mounted by a holder ----
+        t1 = time.perf_counter()
+        volume = cli.volumes.create(
+            name=f"ar-out-{suffix}", driver="local",
+            driver_opts={"type": "tmpfs", "device": "tmpfs",
+                         "o": f"size={lim.out_bytes},nr_inodes={lim.out_files},uid=10001,"
+                              f"gid=10001,mode=0700"},
+            labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER})
+        holder = cli.containers.run(
+            base, ["sleep", "infinity"], name=f"ar-hold-{suffix}", detach=True,
+            volumes={volume.name: {"bind": "/out", "mode": "ro"}}, mem_limit="64m",
+            pids_limit=8, **common)
+        containers.append(holder)
+
+        # ---- train (untrusted) ----
+        mounts = [ro(PREPARE_PY, "/app/prepare.py")] + [ro(p, f"/data/{p.name}") for p in training]
+        train = cli.containers.create(
+            tag, ["python", "-u", "/app/train.py"], name=f"ar-train-{suffix}",
+            environment=env, mounts=mounts,
+            volumes={volume.name: {"bind": "/out", "mode": "rw"}},
+            tmpfs={"/tmp": f"size={lim.tmp_bytes},mode=1777"},
+            mem_limit=lim.memory_bytes, memswap_limit=lim.memory_bytes,
+            nano_cpus=int(lim.cpus * 1e9), pids_limit=lim.pids,
+            device_requests=gpu_request(spec), working_dir="/out", **common)
+        containers.append(train)
+        phases["container_setup"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        stop, mem = threading.Event(), {}
+        train.start()
+        sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
+        sampler.start()
+        cap = spec.budget + lim.startup_s
+        timed_out = False
+        try:
+            exit_code = train.wait(timeout=cap)["StatusCode"]
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            timed_out = True
+            train.kill()
+            exit_code = train.wait(timeout=30)["StatusCode"]
+        stop.set()
+        phases["train"] = time.perf_counter() - t2
+        train.reload()
+        oom_killed = bool(train.attrs["State"].get("OOMKilled"))
+        log_text = bounded_logs(train, lim.log_bytes)
+        outcome.exit_code = exit_code
+        outcome.summary = parse_summary(log_text)
+        outcome.log_tail = escape_log(log_text, lim.log_bytes)
+        outcome.peak_memory_bytes = mem.get("peak")
+
+        # Is there a model? Ask the holder (ls runs in its read-only view, nothing executes
+        # from the volume); a symlink or FIFO is not a model.
+        check = holder.exec_run(["test", "-f", "/out/model.pt2", "-a", "!", "-L", "/out/model.pt2"],
+                                user=UID)
+        status, reason = classify_exit(exit_code, oom_killed, timed_out, log_text,
+                                       check.exit_code == 0)
+        outcome.status, outcome.reason = status, reason
+        if status != "ok":
+            return outcome
+
+        # ---- score (trusted) ----
+        t3 = time.perf_counter()
+        score_env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        if spec.eval_tokens:
+            score_env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
+        scorer = cli.containers.create(
+            base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"],
+            name=f"ar-score-{suffix}", environment=score_env,
+            mounts=[ro(PREPARE_PY, "/app/prepare.py"), ro(spec.data_dir, "/data")],
+            volumes={volume.name: {"bind": "/model", "mode": "ro"}},
+            tmpfs={"/tmp": "size=1g,mode=1777"},
+            mem_limit=lim.score_memory_bytes, memswap_limit=lim.score_memory_bytes,
+            nano_cpus=int(lim.cpus * 1e9), pids_limit=lim.pids,
+            device_requests=gpu_request(spec), **common)
+        containers.append(scorer)
+        scorer.start()
+        try:
+            score_exit = scorer.wait(timeout=lim.score_timeout_s)["StatusCode"]
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            scorer.kill()
+            outcome.status, outcome.reason = "invalid", "scoring timed out"
+            return outcome
+        finally:
+            phases["score"] = time.perf_counter() - t3
+        scorer.reload()
+        if score_exit == 2:
+            raise InfrastructureError("the scorer found no data: " +
+                                      bounded_logs(scorer, 2000, stdout=False)[-500:])
+        if scorer.attrs["State"].get("OOMKilled"):
+            outcome.status, outcome.reason = "invalid", "the scorer ran out of memory on this model"
+            return outcome
+        result = parse_score(bounded_logs(scorer, 64 * 1024, stderr=False))
+        if score_exit != 0 and result.get("status") != "invalid":
+            result = {"status": "invalid",
+                      "reason": f"scorer exited with {score_exit}: " +
+                                bounded_logs(scorer, 2000, stdout=False)[-300:]}
+        outcome.score = result
+        if result["status"] == "ok":
+            outcome.status, outcome.val_bpb = "ok", float(result["val_bpb"])
+        else:
+            outcome.status, outcome.reason = "invalid", str(result.get("reason", ""))[:500]
+
+        # ---- copy out ----
+        if spec.artifact_dir is not None:
+            t4 = time.perf_counter()
+            copy_out(holder, "/out/model.pt2", Path(spec.artifact_dir) / "model.pt2", lim.out_bytes)
+            phases["copy_out"] = time.perf_counter() - t4
+        return outcome
+    finally:
+        t5 = time.perf_counter()
+        for c in reversed(containers):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                log(f"warning: could not remove container {c.name}: {e}")
+        if volume is not None:
+            for _ in range(20):                       # the engine may hold it for a moment
+                try:
+                    volume.remove(force=True)
+                    break
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError:
+                    time.sleep(0.1)
+        phases["cleanup"] = time.perf_counter() - t5
