@@ -61,6 +61,7 @@ class TrialSpec:
     artifact_dir: Path | None = None             # where model.pt2 is copied out, if anywhere
     eval_tokens: int | None = None               # AUTORESEARCH_EVAL_TOKENS for the scorer (tests)
     base_image: str | None = None                # docker: the base tag (default: the current one)
+    image: str | None = None                     # docker: rerun this experiment image, no build
 
 
 @dataclass

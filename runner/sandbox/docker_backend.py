@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,18 @@ def peak_memory(container, stop: threading.Event, result: dict) -> None:
         pass
 
 
+def inside_seconds(container) -> float | None:
+    """How long the container's process itself ran, from the engine's own timestamps: the
+    rest of a phase is the sandbox's cost (create, start, wait, teardown)."""
+    state = container.attrs.get("State", {})
+    try:
+        start, end = (datetime.fromisoformat(state[k][:26].rstrip("Z") + "+00:00")
+                      for k in ("StartedAt", "FinishedAt"))
+    except (KeyError, ValueError):
+        return None
+    return max((end - start).total_seconds(), 0.0)
+
+
 def run(spec: TrialSpec, log: Log) -> Outcome:
     cli = images.client()
     base = spec.base_image or images.default_base_tag()
@@ -200,7 +213,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
     training = training_view(spec.data_dir)
     lim = spec.limits
     train_sha = sha256_file(spec.train_py)
-    tag = experiment_tag(spec, train_sha)
+    tag = spec.image or experiment_tag(spec, train_sha)
     labels = image_labels(spec, cli.images.get(base).id, train_sha)
     phases: dict[str, float] = {}
     outcome = Outcome(status="crash", backend="docker", image_tag=tag, phases=phases)
@@ -214,7 +227,14 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
     try:
         # ---- build ----
         t0 = time.perf_counter()
-        outcome.image_id, _ = images.build_experiment(spec.train_py, base, tag, labels)
+        if spec.image:                                # reproduce: the recorded image as it is
+            try:
+                outcome.image_id = cli.images.get(spec.image).id
+            except docker.errors.ImageNotFound:
+                raise InfrastructureError(f"image {spec.image} is not in the Docker engine "
+                                          "(pruned?): it cannot be rerun") from None
+        else:
+            outcome.image_id, _ = images.build_experiment(spec.train_py, base, tag, labels)
         phases["build"] = time.perf_counter() - t0
 
         # ---- output volume, kept mounted by a holder ----
@@ -261,6 +281,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         phases["train"] = time.perf_counter() - t2
         train.reload()
         oom_killed = bool(train.attrs["State"].get("OOMKilled"))
+        if (inside := inside_seconds(train)) is not None:
+            phases["train_inside"] = inside
         log_text = bounded_logs(train, lim.log_bytes)
         outcome.exit_code = exit_code
         outcome.summary = parse_summary(log_text)
@@ -302,6 +324,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         finally:
             phases["score"] = time.perf_counter() - t3
         scorer.reload()
+        if (inside := inside_seconds(scorer)) is not None:
+            phases["score_inside"] = inside
         if score_exit == 2:
             raise InfrastructureError("the scorer found no data: " +
                                       bounded_logs(scorer, 2000, stdout=False)[-500:])

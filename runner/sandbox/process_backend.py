@@ -1,0 +1,464 @@
+"""The process backend: plain subprocesses with resource limits. NOT a sandbox.
+
+For machines without a container engine (a bare GPU box). One trial runs the same phases as the
+docker backend and returns the same ``Outcome``:
+
+- **build**: a private work folder (mode 0700, removed on every path out of ``run``) holding
+  ``train.py`` and ``prepare.py`` side by side (so ``import prepare`` works as in the container's
+  ``/app``), ``data/`` with symlinks to only the *training* part of the data set (never ``val/``),
+  an empty ``out/``, ``home/`` and ``tmp/``.
+- **train**: ``python -u train.py`` in its own session and process group, stdin closed, output
+  merged into one pipe of which only the last ``limits.log_bytes`` are kept, an explicit minimal
+  environment (nothing of the host's but PATH and the few GPU library variables), core dumps off,
+  a per-file size limit, an open-file limit and, without a GPU, an address-space limit. At
+  ``budget + limits.startup_s`` the whole group is SIGKILLed (SIGTERM can be ignored). After any
+  exit, every process left in the group or session, or carrying this trial's marker in its
+  environment, is SIGKILLed too.
+- **score**: ``model.pt2`` is copied (never through a link) into a separate folder and the
+  trusted ``prepare.py score`` runs on it with the whole data set; its one JSON line is the score.
+
+What this does NOT do: the candidate runs as this user, on this machine, with this user's files,
+network, GPUs and credentials on disk. The training view of the data is a courtesy to honest code
+(a symlink can be followed to ``val/``), the limits are per process, and a process that leaves
+the session and scrubs its environment can outlive the trial. Use the docker backend for
+anything you would not run yourself.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from runner.paths import PREPARE_PY
+from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
+                            escape_log, parse_score, parse_summary, training_view)
+
+WARNING = ("WARNING: the process backend is NOT a sandbox and isolates nothing: train.py runs "
+           "as user {user} on this machine, with this user's files, network, GPUs and any "
+           "credentials on disk. Use the docker backend for candidates you do not trust.")
+
+# Host variables passed through when set: GPU boxes need the library paths, and the NCCL/torch
+# switches keep multi-GPU hosts from using NVLink multicast. Nothing else of the host's passes.
+PASS_THROUGH = ("LD_LIBRARY_PATH", "CUDA_HOME", "NCCL_NVLS_ENABLE",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+MARKER = "AUTORESEARCH_TRIAL_ID"        # set in the candidate's env: finds processes that escaped
+NOFILE = 4096
+SAMPLE_S = 0.5                          # memory sampling and deadline check interval
+DRAIN_S = 2.0                           # how long to read leftover output after the exit
+SCORE_OUT_BYTES = 64 * 1024             # the scorer prints one JSON line
+SCORE_ERR_BYTES = 64 * 1024
+
+# Sets the limits, then becomes the real command (exec keeps the pid, so the group and the
+# session are the same). Runs with -I -S: no site, no user paths. Used instead of preexec_fn,
+# which can deadlock when the runner has threads (one trial per GPU slot).
+LAUNCHER = """\
+import json, os, resource, sys
+for name, value in json.loads(sys.argv[1]).items():
+    which = getattr(resource, name)
+    hard = resource.getrlimit(which)[1]
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+_warned_stderr = False
+
+
+def warn(log: Log) -> None:
+    """The loud warning: through the log on every trial, and once per process on stderr."""
+    global _warned_stderr
+    try:
+        import pwd
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        user = str(os.getuid())
+    text = WARNING.format(user=user)
+    log(text)
+    if not _warned_stderr:
+        _warned_stderr = True
+        print(text, file=sys.stderr, flush=True)
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+def proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, pgid, sid) of a live process, or None when it is gone or a zombie (a zombie
+    holds no memory and cannot be killed; its parent or init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[1]), int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def all_pids() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read(1 << 20).split(b"\0")
+    except OSError:
+        return False
+
+
+def members(pgid: int, marker: bytes | None = None) -> list[int]:
+    """Processes of the trial: in its group or its session (the leader's pid is both), or,
+    when `marker` is given, carrying it in their environment (setsid does not drop that)."""
+    me = os.getpid()
+    found = []
+    for pid in all_pids():
+        if pid == me:
+            continue
+        st = proc_stat(pid)
+        if st is None:
+            continue
+        if st[1] == pgid or st[2] == pgid or (marker is not None and has_marker(pid, marker)):
+            found.append(pid)
+    return found
+
+
+def kill_all(pgid: int, marker: bytes) -> None:
+    """SIGKILL the trial's group, then anything still in its session or carrying its marker,
+    until nothing is found (bounded: a fork bomb outside the group is not chased forever)."""
+    for attempt in range(10):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        left = members(pgid, marker)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05 * (attempt + 1))
+
+
+def group_rss(pgid: int) -> int:
+    """Resident bytes summed over the trial's group (shared pages count more than once)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is None or st[1] != pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it: while it is a zombie its pid (the
+    group's id) cannot be reused, so killing the group afterwards cannot hit a stranger."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def exit_code_of(returncode: int) -> int:
+    """Shell convention, as docker reports it: death by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def copy_regular(src: Path, dest: Path, max_bytes: int | None = None) -> bool:
+    """Copy `src` to `dest` only if it is a regular file (a symlink, FIFO, device or folder is
+    refused without being opened for reading). Returns whether it was copied."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(fd, "rb", closefd=False) as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, dest)
+        return True
+    finally:
+        os.close(fd)
+
+
+def is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def build_env(folder: Path, gpu: str | None) -> dict[str, str]:
+    """The explicit environment of a child: nothing of the host's but PATH and PASS_THROUGH."""
+    (folder / "home").mkdir(exist_ok=True)
+    (folder / "tmp").mkdir(exist_ok=True)
+    env = {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+           "LANG": "C.UTF-8", "HOME": str(folder / "home"), "TMPDIR": str(folder / "tmp"),
+           "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "CUDA_VISIBLE_DEVICES": gpu or ""}
+    for name in PASS_THROUGH:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def launch(argv: list[str], cwd: Path, env: dict[str, str], rlimits: dict[str, int],
+           stdout, stderr) -> subprocess.Popen:
+    """Start `argv` in its own session (and so its own process group) under `rlimits`."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(rlimits), *argv],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        start_new_session=True, close_fds=True)
+
+
+def rlimits_for(memory_bytes: int, gpu: str | None, out_bytes: int) -> dict[str, int]:
+    limits = {"RLIMIT_CORE": 0, "RLIMIT_FSIZE": out_bytes, "RLIMIT_NOFILE": NOFILE}
+    if not gpu:                                   # CUDA maps huge virtual ranges
+        limits["RLIMIT_AS"] = memory_bytes
+    return limits
+
+
+# ---- the phases -----------------------------------------------------------------------------
+
+def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: list) -> str:
+    """Run train.py to its end or the cap; fills the outcome's train fields; returns the log."""
+    lim = spec.limits
+    env = build_env(work, spec.gpu)
+    env.update({"AUTORESEARCH_TIME_BUDGET": str(spec.budget), "AUTORESEARCH_SEED": str(spec.seed),
+                "AUTORESEARCH_DATA_DIR": str(work / "data"), "AUTORESEARCH_OUT": str(work / "out"),
+                MARKER: marker})
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = launch([sys.executable, "-u", "train.py"], work, env,
+                      rlimits_for(lim.memory_bytes, spec.gpu, lim.out_bytes), write_fd, write_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    procs.append(proc)
+    tail, total, peak = bytearray(), 0, 0
+    deadline = time.monotonic() + spec.budget + lim.startup_s
+    timed_out = False
+    next_sample = 0.0
+    os.set_blocking(read_fd, False)
+    eof = False
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                peak = max(peak, group_rss(proc.pid))
+                next_sample = now + SAMPLE_S
+            if exited(proc.pid):
+                break
+            if now >= deadline:
+                timed_out = True
+                break
+            if eof:                               # output closed; wait for the exit
+                time.sleep(min(0.05, max(0.0, deadline - now)))
+                continue
+            if readable(read_fd, min(SAMPLE_S, max(0.0, deadline - now))):
+                chunk = read_some(read_fd)
+                if chunk is None:
+                    continue
+                if not chunk:
+                    eof = True
+                    continue
+                total += len(chunk)
+                tail += chunk
+                if len(tail) > 2 * lim.log_bytes:
+                    del tail[:-lim.log_bytes]
+        # The leader is dead (or still a zombie we hold) or over time: kill what is left.
+        kill_all(proc.pid, f"{MARKER}={marker}".encode())
+        returncode = proc.wait(timeout=30)
+        # Read what is still buffered in the pipe (bounded: everything that wrote is dead).
+        end = time.monotonic() + DRAIN_S
+        while not eof and time.monotonic() < end:
+            if not readable(read_fd, max(0.0, end - time.monotonic())):
+                break
+            chunk = read_some(read_fd)
+            if chunk is None:
+                continue
+            if not chunk:
+                break
+            total += len(chunk)
+            tail += chunk
+            if len(tail) > 2 * lim.log_bytes:
+                del tail[:-lim.log_bytes]
+    finally:
+        os.close(read_fd)
+    del tail[:-lim.log_bytes]
+    text = tail.decode("utf-8", errors="replace")
+    note = f"[{total - len(tail):,} earlier bytes of output dropped]\n" if total > len(tail) else ""
+    # Only a SIGKILL the runner did not send counts as the kernel's OOM killer.
+    oom_killed = returncode == -signal.SIGKILL and not timed_out
+    outcome.exit_code = exit_code_of(returncode)
+    outcome.summary = parse_summary(text)
+    outcome.log_tail = note + escape_log(text, max(1, lim.log_bytes - len(note)))
+    outcome.peak_memory_bytes = peak or None
+    outcome.status, outcome.reason = classify_exit(outcome.exit_code, oom_killed, timed_out, text,
+                                                   is_regular(work / "out" / "model.pt2"))
+    return text
+
+
+def readable(fd: int, timeout_s: float) -> bool:
+    """Whether `fd` has data or EOF within `timeout_s` (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(int(timeout_s * 1000)))
+
+
+def read_some(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        if e.errno == errno.EINTR:
+            return None
+        return b""
+
+
+def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: list) -> None:
+    """Run the trusted scorer on `model` (a copy the candidate cannot reach any more)."""
+    lim = spec.limits
+    env = build_env(folder, spec.gpu)
+    if spec.eval_tokens:
+        env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
+    out_path, err_path = folder / "score.out", folder / "score.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = launch([sys.executable, "-I", str(PREPARE_PY), "score", "--model", str(model),
+                       "--data-dir", str(Path(spec.data_dir).resolve()),
+                       "--device", "cuda" if spec.gpu else "cpu"],
+                      folder, env, rlimits_for(lim.score_memory_bytes, spec.gpu, lim.out_bytes),
+                      out, err)
+    procs.append(proc)
+    deadline = time.monotonic() + lim.score_timeout_s
+    while not exited(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    timed_out = not exited(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)       # stray workers; the leader is a zombie or late
+    except (ProcessLookupError, PermissionError):
+        pass
+    returncode = proc.wait(timeout=30)
+    if timed_out:
+        outcome.status, outcome.reason = "invalid", "scoring timed out"
+        return
+    stdout = tail_of(out_path, SCORE_OUT_BYTES)
+    stderr = tail_of(err_path, SCORE_ERR_BYTES)
+    if returncode == 2:
+        raise InfrastructureError("the scorer found no data: " + stderr[-500:])
+    result = parse_score(stdout)
+    if returncode != 0 and result.get("status") != "invalid":
+        result = {"status": "invalid",
+                  "reason": f"scorer exited with {exit_code_of(returncode)}: " + stderr[-300:]}
+    outcome.score = result
+    if result["status"] == "ok":
+        outcome.status, outcome.val_bpb = "ok", float(result["val_bpb"])
+    else:
+        outcome.status, outcome.reason = "invalid", str(result.get("reason", ""))[:500]
+
+
+def tail_of(path: Path, limit: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def run(spec: TrialSpec, log: Log) -> Outcome:
+    warn(log)
+    training = training_view(Path(spec.data_dir))
+    lim = spec.limits
+    phases: dict[str, float] = {}
+    outcome = Outcome(status="crash", backend="process", image_tag=None, phases=phases)
+    marker = uuid.uuid4().hex
+    procs: list[subprocess.Popen] = []
+    root = Path(tempfile.mkdtemp(prefix=f"autoresearch-{marker[:8]}-"))   # mode 0700
+    try:
+        # ---- build ----
+        t0 = time.perf_counter()
+        work = root / "work"
+        (work / "data").mkdir(parents=True)
+        (work / "out").mkdir()
+        shutil.copyfile(spec.train_py, work / "train.py")
+        shutil.copyfile(PREPARE_PY, work / "prepare.py")
+        for part in training:
+            (work / "data" / part.name).symlink_to(part.resolve())
+        phases["build"] = time.perf_counter() - t0
+
+        # ---- train (untrusted, and NOT isolated) ----
+        t1 = time.perf_counter()
+        log(f"training {spec.train_py} for {spec.budget}s (hard cap "
+            f"{spec.budget + lim.startup_s}s) in {work}")
+        try:
+            train(spec, work, marker, outcome, procs)
+        finally:
+            phases["train"] = time.perf_counter() - t1
+        if outcome.status != "ok":
+            return outcome
+
+        # ---- score (trusted) ----
+        t2 = time.perf_counter()
+        scoring = root / "score"
+        scoring.mkdir()
+        model = scoring / "model.pt2"
+        if not copy_regular(work / "out" / "model.pt2", model, lim.out_bytes):
+            phases["score"] = time.perf_counter() - t2
+            outcome.status, outcome.reason = "invalid", "model.pt2 is not a regular file of at " \
+                                                        f"most {lim.out_bytes} bytes"
+            return outcome
+        try:
+            score(spec, model, scoring, outcome, procs)
+        finally:
+            phases["score"] = time.perf_counter() - t2
+
+        # ---- copy out ----
+        if spec.artifact_dir is not None:
+            t3 = time.perf_counter()
+            copy_regular(model, Path(spec.artifact_dir) / "model.pt2")
+            phases["copy_out"] = time.perf_counter() - t3
+        return outcome
+    finally:
+        t4 = time.perf_counter()
+        for proc in procs:                        # only when an exception cut a phase short
+            if proc.returncode is None:
+                kill_all(proc.pid, f"{MARKER}={marker}".encode())
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    log(f"warning: process {proc.pid} did not die")
+        shutil.rmtree(root, ignore_errors=True)
+        phases["cleanup"] = time.perf_counter() - t4

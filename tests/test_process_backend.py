@@ -1,0 +1,308 @@
+"""The process backend (no container engine): the real train.py end to end, and hostile or broken
+candidates that must end as the right status, bounded in time and memory, leaving nothing behind.
+
+Every attack is bounded: budgets of 2 s, small hard caps, fixed output sizes, children that sleep
+at most 120 s and are killed by this test (by pid, found by a unique marker) if they survive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from runner.sandbox import InfrastructureError, Limits, TrialSpec, process_backend
+
+TRAIN_PY = REPO / "target" / "train.py"
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """The backend's temporary folders go here; each test checks that none are left."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    assert list(folder.iterdir()) == [], "the work folder was not removed"
+
+
+def candidate(tmp_path: Path, source: str) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def trial(train_py: Path, data: Path, budget: int = 2, **limits) -> tuple:
+    lines: list[str] = []
+    spec = TrialSpec(train_py=train_py, data_dir=data, budget=budget, eval_tokens=4096,
+                     limits=Limits(**{"startup_s": 30, **limits}))
+    t0 = time.monotonic()
+    outcome = process_backend.run(spec, lines.append)
+    return outcome, lines, time.monotonic() - t0
+
+
+def with_marker(marker: str) -> list[int]:
+    """Processes whose command line carries `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def survivors(marker: str, wait_s: float = 3.0) -> list[int]:
+    """Processes with `marker` still alive after up to `wait_s` (SIGKILL is asynchronous)."""
+    end = time.monotonic() + wait_s
+    while (left := with_marker(marker)) and time.monotonic() < end:
+        time.sleep(0.1)
+    return left
+
+
+def reap(marker: str) -> None:
+    for pid in with_marker(marker):                    # only processes this test started
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_real_train_py_scores(small_data, scratch, tmp_path):
+    outcome, lines, _ = trial(TRAIN_PY, small_data, budget=3, startup_s=120)
+    assert outcome.status == "ok", (outcome.reason, outcome.log_tail[-3000:])
+    assert outcome.backend == "process" and outcome.image_tag is None
+    assert outcome.val_bpb is not None and outcome.val_bpb < outcome.score["uniform_bpb"]
+    assert outcome.score["status"] == "ok" and outcome.score["tokens"] == 4096
+    assert int(outcome.summary["num_steps"]) > 0
+    assert float(outcome.summary["training_seconds"]) >= 3
+    assert {"build", "train", "score"} <= set(outcome.phases)
+    assert outcome.exit_code == 0
+    assert outcome.peak_memory_bytes and outcome.peak_memory_bytes > 50 * 2**20
+    assert any("NOT a sandbox" in line for line in lines)
+
+
+def test_artifact_copied_out(small_data, scratch, tmp_path):
+    # A tiny valid model saves the training time: export a bigram table straight away.
+    source = """
+        import os, torch, prepare
+        vocab = prepare.load_meta()["vocab_size"]
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(vocab, vocab)
+            def forward(self, idx):
+                return self.emb(idx).float()
+        m = M().eval()
+        x = torch.zeros(2, 16, dtype=torch.long)
+        b, t = torch.export.Dim("b", max=1024), torch.export.Dim("t", max=1024)
+        prog = torch.export.export(m, (x,), dynamic_shapes=({0: b, 1: t},))
+        torch.export.save(prog, os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
+        print("---"); print("num_steps: 0")
+    """
+    art = tmp_path / "art"
+    spec = TrialSpec(train_py=candidate(tmp_path, source), data_dir=small_data, budget=2,
+                     eval_tokens=4096, artifact_dir=art, limits=Limits(startup_s=60))
+    outcome = process_backend.run(spec, lambda line: None)
+    assert outcome.status == "ok", (outcome.reason, outcome.log_tail[-3000:])
+    assert outcome.summary == {"num_steps": "0"}
+    assert (art / "model.pt2").is_file() and not (art / "model.pt2").is_symlink()
+
+
+def test_no_model_is_invalid(small_data, scratch, tmp_path):
+    outcome, _, _ = trial(candidate(tmp_path, "print('trained, honest')\n"), small_data)
+    assert outcome.status == "invalid"
+    assert "without writing model.pt2" in outcome.reason
+    assert outcome.exit_code == 0 and "score" not in outcome.phases
+
+
+def test_symlinked_model_is_invalid(small_data, scratch, tmp_path):
+    source = """
+        import os
+        os.symlink("/etc/passwd", os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data)
+    assert outcome.status == "invalid" and "score" not in outcome.phases
+
+
+def test_garbage_model_is_invalid_by_the_scorer(small_data, scratch, tmp_path):
+    source = """
+        import os
+        with open(os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"), "wb") as f:
+            f.write(b"this is not a model archive" * 100)
+        print("---"); print("val_bpb: 0.001")
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data)
+    assert outcome.status == "invalid", outcome
+    assert outcome.val_bpb is None and outcome.score["status"] == "invalid"
+    assert outcome.reason and "score" in outcome.phases
+    assert outcome.summary == {"val_bpb": "0.001"}      # its own claim: recorded, never trusted
+
+
+def test_exception_is_crash_with_traceback(small_data, scratch, tmp_path):
+    source = """
+        def deep():
+            raise RuntimeError("boom-7f3a")
+        deep()
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data)
+    assert outcome.status == "crash" and outcome.exit_code == 1
+    assert "Traceback" in outcome.log_tail and "boom-7f3a" in outcome.log_tail
+    assert "deep()" in outcome.log_tail
+
+
+def test_memory_limit_is_oom(small_data, scratch, tmp_path):
+    source = "hog = bytearray(2 * 2**30)\nprint('allocated')\n"
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data, memory_bytes=512 * 2**20)
+    assert outcome.status == "oom", (outcome.reason, outcome.log_tail)
+    assert "allocated" not in outcome.log_tail
+
+
+def test_file_size_limit(small_data, scratch, tmp_path):
+    source = """
+        import os
+        with open(os.path.join(os.environ["AUTORESEARCH_OUT"], "big"), "wb") as f:
+            for _ in range(4):
+                f.write(b"x" * 2**20)
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data, out_bytes=2**20)
+    assert outcome.status == "crash"
+    assert "File too large" in outcome.log_tail
+
+
+def test_sigterm_ignoring_candidate_is_killed_with_its_children(small_data, scratch, tmp_path):
+    marker = f"ar-marker-{uuid.uuid4().hex}"
+    source = f"""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "{marker}"]
+        subprocess.Popen(sleeper)                                   # same group
+        subprocess.Popen(sleeper + ["escaped"], start_new_session=True)   # its own session
+        print("children started", flush=True)
+        while True:
+            time.sleep(1)
+    """
+    try:
+        outcome, _, seconds = trial(candidate(tmp_path, source), small_data, startup_s=2)
+        assert outcome.status == "timeout", outcome
+        assert "children started" in outcome.log_tail
+        assert seconds < 2 + 2 + 6
+        assert outcome.phases["train"] >= 4
+        assert survivors(marker) == []
+    finally:
+        reap(marker)
+
+
+def test_escaped_pipe_holder_does_not_hang_the_runner(small_data, scratch, tmp_path):
+    # A child in its own session with a scrubbed environment holds the output pipe open:
+    # the process backend cannot find it (it says it isolates nothing), but it must not wait.
+    marker = f"ar-marker-{uuid.uuid4().hex}"
+    source = f"""
+        import os, subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "{marker}"],
+                         start_new_session=True, env={{}})
+        print("left a child behind")
+    """
+    try:
+        outcome, _, seconds = trial(candidate(tmp_path, source), small_data)
+        assert outcome.status == "invalid" and "left a child behind" in outcome.log_tail
+        assert seconds < 10
+    finally:
+        reap(marker)
+
+
+def test_output_flood_is_bounded(small_data, scratch, tmp_path):
+    source = """
+        import sys
+        line = "\\x1b[31mflood\\x1b[0m " + "x" * 1000 + "\\n"
+        for _ in range(20 * 1024):            # about 20 MB
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        print("the end")
+    """
+    log_bytes = 64 * 1024
+    outcome, _, seconds = trial(candidate(tmp_path, source), small_data, log_bytes=log_bytes)
+    assert outcome.status == "invalid"                    # it finished, without a model
+    assert outcome.log_tail.rstrip().endswith("the end")
+    assert "earlier bytes of output dropped" in outcome.log_tail
+    assert "\x1b" not in outcome.log_tail and "\\x1b[31m" in outcome.log_tail
+    assert len(outcome.log_tail) <= 4 * log_bytes
+    assert seconds < 30
+
+
+def test_host_secrets_never_reach_the_candidate(small_data, scratch, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-dummy-123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-dummy-456")
+    source = """
+        import os
+        print(dict(os.environ))
+        print("cwd", os.getcwd())
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data)
+    assert "AUTORESEARCH_TIME_BUDGET" in outcome.log_tail    # it did print its environment
+    assert "sk-test-dummy-123" not in outcome.log_tail
+    assert "OPENAI_API_KEY" not in outcome.log_tail
+    assert "aws-dummy-456" not in outcome.log_tail
+    assert "'CUDA_VISIBLE_DEVICES': ''" in outcome.log_tail
+
+
+def test_validation_split_is_not_in_the_view(small_data, scratch, tmp_path):
+    source = """
+        import os
+        data = os.environ["AUTORESEARCH_DATA_DIR"]
+        print("val", os.path.exists(data + "/val"))
+        print("train", os.path.isdir(data + "/train"))
+        print("listing", sorted(os.listdir(data)))
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data)
+    assert "val False" in outcome.log_tail and "train True" in outcome.log_tail
+    assert "'val'" not in outcome.log_tail
+
+
+def test_missing_data_is_infrastructure_error(scratch, tmp_path):
+    with pytest.raises(InfrastructureError):
+        trial(candidate(tmp_path, "print('hi')\n"), tmp_path / "nothing")
+
+
+def test_warning_on_stderr_once(monkeypatch, capsys):
+    monkeypatch.setattr(process_backend, "_warned_stderr", False)
+    lines: list[str] = []
+    process_backend.warn(lines.append)
+    process_backend.warn(lines.append)
+    err = capsys.readouterr().err
+    assert err.count("NOT a sandbox") == 1 and len(lines) == 2
+
+
+def test_interrupt_kills_the_candidate_and_cleans_up(small_data, scratch, tmp_path, monkeypatch):
+    marker = f"ar-marker-{uuid.uuid4().hex}"
+    source = f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "{marker}"])
+        time.sleep(120)
+    """
+    calls = []
+    real = process_backend.group_rss
+
+    def interrupted(pgid):                           # Ctrl-C arrives a second into training
+        calls.append(pgid)
+        if len(calls) >= 3:
+            raise KeyboardInterrupt
+        return real(pgid)
+
+    monkeypatch.setattr(process_backend, "group_rss", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trial(candidate(tmp_path, source), small_data)
+        assert survivors(marker) == []
+    finally:
+        reap(marker)

@@ -1,0 +1,158 @@
+"""`autoresearch trial` on the docker backend: the record, clear infrastructure errors, and no
+container left behind after success, Ctrl-C or a runner that died."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+docker = pytest.importorskip("docker")
+
+from runner.sandbox import InfrastructureError, Limits, TrialSpec  # noqa: E402
+from runner.sandbox import docker_backend, images  # noqa: E402
+from runner.trial import run_trial  # noqa: E402
+
+
+def engine_ready() -> str | None:
+    try:
+        cli = docker.from_env()
+        cli.ping()
+    except Exception as e:  # noqa: BLE001
+        return f"no Docker engine: {e}"
+    if not images.base_exists(images.default_base_tag(), cli):
+        return "no base image: run `autoresearch images build`"
+    return None
+
+
+pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
+
+RUN = "trialtest"
+SMALL = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
+               tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
+               score_memory_bytes=4 * 2**30)
+
+
+def leftovers() -> list:
+    cli = docker.from_env()
+    return (cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})
+            + cli.volumes.list(filters={"label": f"autoresearch.run={RUN}"}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_test_images():
+    yield
+    cli = docker.from_env()
+    for image in cli.images.list(filters={"reference": f"autoresearch/exp:{RUN}-*"}):
+        cli.images.remove(image.id, force=True)
+
+
+def autoresearch(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_trial_cli_prints_one_json_record(small_data: Path, tmp_path: Path):
+    proc = autoresearch("trial", str(REPO / "target" / "train.py"), "--budget", "3",
+                        "--data-dir", str(small_data), "--eval-tokens", "4096", "--memory", "2",
+                        "--cpus", "1", "--artifact-dir", str(tmp_path / "art"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["status"] == "ok", record
+    assert record["val_bpb"] < record["score"]["uniform_bpb"]
+    assert record["image_tag"].startswith("autoresearch/exp:trial-0-")
+    assert {"build", "train", "score"} <= set(record["phases"])
+    assert record["training_seconds"] >= 3
+    assert record["memory_gb"] and record["memory_gb"] > 0
+    assert (tmp_path / "art" / "model.pt2").is_file()
+    labels = docker.from_env().images.get(record["image_tag"]).labels
+    assert labels["autoresearch.budget"] == "3" and labels["autoresearch.seed"] == "0"
+    assert labels["autoresearch.data_manifest_sha256"] == record["data_manifest_sha256"]
+    assert labels["autoresearch.prepare_sha256"] == record["prepare_sha256"]
+    docker.from_env().images.remove(record["image_tag"], force=True)
+    assert not docker.from_env().containers.list(all=True, filters={"label": "autoresearch.run=trial"})
+
+
+def test_trial_cli_infrastructure_errors(tmp_path: Path):
+    train = str(REPO / "target" / "train.py")
+    proc = autoresearch("trial", train, "--data-dir", str(tmp_path / "nothing"), "--budget", "1")
+    assert proc.returncode != 0 and "autoresearch prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = autoresearch("trial", train, "--budget", "1", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert proc.returncode != 0 and "dockerd" in proc.stderr and "Traceback" not in proc.stderr
+    proc = autoresearch("trial", str(tmp_path / "missing.py"))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_missing_base_image_says_how_to_build_it(small_data: Path):
+    spec = TrialSpec(train_py=REPO / "target" / "train.py", data_dir=small_data, budget=1,
+                     run=RUN, base_image="autoresearch/base:missing-000000000000")
+    with pytest.raises(InfrastructureError, match="autoresearch images build"):
+        run_trial(spec, "docker")
+
+
+SLOW_TRAIN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("started", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_ctrl_c_removes_every_container(small_data: Path, tmp_path: Path):
+    train = tmp_path / "train.py"
+    train.write_text(SLOW_TRAIN)
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from pathlib import Path\n"
+            "from runner.sandbox import Limits, TrialSpec\n"
+            "from runner.trial import run_trial\n"
+            f"spec = TrialSpec(train_py=Path({str(train)!r}), data_dir=Path({str(small_data)!r}), "
+            f"budget=60, run={RUN!r}, limits=Limits(memory_bytes=2**30, cpus=1.0))\n"
+            "run_trial(spec, 'docker')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    cli = docker.from_env()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        running = cli.containers.list(filters={"label": f"autoresearch.run={RUN}", "status": "running"})
+        if any(c.name.startswith("ar-train-") for c in running):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the training container never started")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert leftovers() == []
+
+
+def test_orphans_of_a_dead_runner_are_removed():
+    cli = docker.from_env()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    owner = f"{docker_backend.socket.gethostname()}:{dead}"
+    labels = {docker_backend.LABEL_RUN: RUN, docker_backend.LABEL_OWNER: owner}
+    c = cli.containers.create(images.default_base_tag(), ["sleep", "60"], labels=labels,
+                              network_mode="none")
+    v = cli.volumes.create(labels=labels)
+    alive = cli.containers.create(images.default_base_tag(), ["sleep", "60"], network_mode="none",
+                                  labels={docker_backend.LABEL_RUN: RUN,
+                                          docker_backend.LABEL_OWNER: docker_backend.OWNER})
+    try:
+        assert docker_backend.remove_orphans(cli) >= 2
+        names = [x.id for x in cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})]
+        assert c.id not in names and alive.id in names
+        assert v.name not in [x.name for x in cli.volumes.list()]
+    finally:
+        alive.remove(force=True)
