@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # apt-get needs root: prefix sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps python-deps engine prepare images test bench clean
+.PHONY: install system-deps python-deps engine prepare images overnight report test bench clean
 
 # Everything the tests need, from a bare machine: system packages, the virtualenv, a running
 # Docker engine and the offline base image.
@@ -52,6 +52,18 @@ $(PY):
 
 prepare:
 	$(AUTORESEARCH) prepare
+
+# The research loop with defaults that work offline on a fresh machine: the default data set
+# (built if missing), the offline base image, the built-in search agent unless AUTORESEARCH_MODEL
+# names an LLM. Ctrl-C stops it; running it again resumes the same run (TAG).
+TAG ?= $(shell date +%b%d | tr A-Z a-z)
+OVERNIGHT_ARGS ?=
+overnight: images
+	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare
+	$(AUTORESEARCH) overnight --tag $(TAG) $(OVERNIGHT_ARGS)
+
+report:
+	$(AUTORESEARCH) report
 
 # The base image every container runs from (the offline Debian one unless AUTORESEARCH_BASE=cuda).
 images:

@@ -219,6 +219,9 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
     if backend == "process":
         say("WARNING: --backend process isolates nothing: train.py runs as you, on this machine.")
     try:
+        if backend == "docker":
+            from runner.sandbox.docker_backend import remove_orphans
+            remove_orphans(log=say)
         record = run_trial(spec, backend, log=say)
     except (InfrastructureError, ImageError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -235,6 +238,181 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
     if record["status"] != "ok" and record["log_tail"]:
         click.echo("log tail (candidate output, untrusted):")
         click.echo("\n".join(record["log_tail"].splitlines()[-15:]))
+
+
+@autoresearch.command(short_help="Run the research loop: propose, train, score, keep or discard.")
+@click.option("--tag", default=None, help="Run name (branch autoresearch/<tag>, folder runs/<tag>). "
+              "Default: today's date, e.g. nov26. A reused tag resumes that run.")
+@click.option("--agent", type=click.Choice(["llm", "search"]), default=None,
+              help="llm: an LLM through litellm. search: the built-in hyperparameter search "
+              "(no LLM). Default: llm when a model is configured, else search.")
+@click.option("--model", default=None, envvar="AUTORESEARCH_MODEL",
+              help="litellm model string, e.g. anthropic/claude-sonnet-4-5, openai/gpt-5, or "
+              "openai/<name> with --api-base for a local server [env AUTORESEARCH_MODEL].")
+@click.option("--api-base", default=None, envvar="AUTORESEARCH_API_BASE",
+              help="OpenAI-compatible server URL (vLLM, llama.cpp, Ollama) [env AUTORESEARCH_API_BASE].")
+@click.option("--budget", type=click.IntRange(1), default=None,
+              help="Training seconds per experiment (default: 300).")
+@click.option("--max-experiments", type=click.IntRange(1), default=None,
+              help="Stop when the run holds this many experiments (baseline included).")
+@click.option("--until", "until", default=None, metavar="HH:MM", help="Stop at this local time.")
+@click.option("--max-cost", type=float, default=None, metavar="USD",
+              help="Stop once the LLM calls of the run cost this much.")
+@click.option("--backend", type=click.Choice(["docker", "process"]), default="docker", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
+@click.option("--gpu", default=None, metavar="ID", help="Train on this GPU (default: CPU).")
+@click.option("--min-delta", type=float, default=0.0005, show_default=True,
+              help="Keep a candidate only if it beats the best val_bpb by more than this.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--memory", type=float, default=None, metavar="GB", help="RAM limit per trial.")
+@click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
+@click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
+def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
+              budget: int | None, max_experiments: int | None, until: str | None,
+              max_cost: float | None, backend: str, data_dir: Path | None, gpu: str | None,
+              min_delta: float, seed: int, memory: float | None, cpus: float | None,
+              eval_tokens: int | None) -> None:
+    """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
+
+    The unmodified train.py runs first as the baseline. Each candidate is committed on branch
+    autoresearch/<tag> in the worktree runs/<tag>/worktree (never your checkout), trained and
+    scored in its own sealed containers, kept if val_bpb beats the best by more than
+    --min-delta, otherwise set aside under refs/autoresearch/<tag>/discarded/<n>. Every
+    experiment is a line in runs/<tag>/experiments.jsonl and results.tsv.
+    """
+    import dataclasses
+    from datetime import datetime
+
+    from runner.live import LiveView
+    from runner.loop import LoopConfig, overnight as run_loop, parse_until
+    from runner.paths import data_dir as default_data_dir
+    from runner.repo import RepoError, user_checkout_warning
+    from runner.sandbox import InfrastructureError
+    from runner.sandbox.images import ImageError
+    from runner.trial import default_limits
+
+    say = (lambda line: click.echo(line, err=True))
+    if agent is None:
+        agent = "llm" if model else "search"
+        if agent == "search":
+            say("agent: search (built in, no LLM). For an LLM: --model MODEL (litellm string; "
+                "API key in its usual variable) or --model openai/NAME --api-base URL.")
+    if agent == "llm" and not model:
+        raise click.UsageError("--agent llm needs --model (or AUTORESEARCH_MODEL)")
+    limits = default_limits(gpu)
+    if memory is not None:
+        limits = dataclasses.replace(limits, memory_bytes=int(memory * 2**30))
+    if cpus is not None:
+        limits = dataclasses.replace(limits, cpus=cpus)
+    try:
+        stop_at = parse_until(until) if until else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    cfg = LoopConfig(tag=tag or datetime.now().strftime("%b%d").lower(), agent=agent, model=model,
+                     api_base=api_base,
+                     budget=budget or int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300")),
+                     max_experiments=max_experiments, until=stop_at, max_cost=max_cost,
+                     backend=backend, data_dir=(data_dir or default_data_dir()).resolve(),
+                     min_delta=min_delta, seed=seed, gpu=gpu, limits=limits,
+                     eval_tokens=eval_tokens)
+    if note := user_checkout_warning():
+        say(note)
+    if backend == "process":
+        say("WARNING: --backend process isolates nothing: candidates run as you, on this machine.")
+    try:
+        with LiveView(cfg) as view:
+            ledger = run_loop(cfg, observe=view.observe, log=say)
+    except (InfrastructureError, ImageError, RepoError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        say(f"interrupted; `autoresearch overnight --tag {cfg.tag}` resumes this run")
+        sys.exit(130)
+    best = ledger.best()
+    say(f"run {cfg.tag}: {len(ledger.records)} experiments, best val_bpb "
+        f"{best['val_bpb']:.6f} (#{best['number']}); see `autoresearch report --tag {cfg.tag}`")
+
+
+@autoresearch.command(short_help="Rerun a recorded experiment image and compare val_bpb.")
+@click.argument("ref")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
+@click.option("--gpu", default=None, metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the new record as one JSON object.")
+def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -> None:
+    """Rerun REF (an experiment id like mytag-3, or its image tag) with the recorded seed,
+    budget and data; refuse when the data, the scorer or the base image differ."""
+    import json
+
+    from runner.loop import RUNS_DIR
+    from runner.paths import data_dir as default_data_dir
+    from runner.sandbox import InfrastructureError
+    from runner.sandbox.images import ImageError
+    from runner.trial import reproduce as rerun
+
+    try:
+        old, new = rerun(ref, RUNS_DIR, (data_dir or default_data_dir()).resolve(), gpu=gpu,
+                         log=lambda line: click.echo(line, err=True))
+    except (InfrastructureError, ImageError, LookupError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(new))
+        return
+    fmt = (lambda v: f"{v:.6f}" if v is not None else "-")
+    click.echo(f"experiment  {old['id']}   image {old['image_tag']}")
+    click.echo(f"recorded    val_bpb {fmt(old.get('val_bpb'))}   ({old.get('status')})")
+    click.echo(f"now         val_bpb {fmt(new.get('val_bpb'))}   ({new.get('status')})")
+    if old.get("val_bpb") is not None and new.get("val_bpb") is not None:
+        click.echo(f"difference  {new['val_bpb'] - old['val_bpb']:+.6f}")
+
+
+@autoresearch.command("status", short_help="Show a run's experiments as a table.")
+@click.option("--tag", default=None, metavar="TAG",
+              help="The run to show (default: the run whose ledger changed last).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              hidden=True, help="Where runs live (default: <repo>/runs).")
+def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
+    """One row per experiment: status, val_bpb, the change against the best before it,
+    memory, training and wall seconds, description. The caption sums the run up: kept,
+    failed, the best val_bpb and LLM cost. Safe to run while `overnight` is running.
+    """
+    from rich.console import Console
+
+    from runner.loop import RUNS_DIR
+    from runner.report import load_records, resolve_run, status_table
+
+    try:
+        run_dir = resolve_run(runs_dir or RUNS_DIR, tag)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    console = Console()
+    width = max(10, min(console.width - 70, 90))      # rows stay on one line in the terminal
+    console.print(status_table(load_records(run_dir), run_dir.name, description_width=width))
+
+
+@autoresearch.command("report", short_help="Write a run's progress plot and HTML report.")
+@click.option("--tag", default=None, metavar="TAG",
+              help="The run to report on (default: the run whose ledger changed last).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Write progress.png and report.html here (default: runs/<tag>/).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              hidden=True, help="Where runs live (default: <repo>/runs).")
+def report_cmd(tag: str | None, out_dir: Path | None, runs_dir: Path | None) -> None:
+    """Write progress.png (val_bpb by experiment, the running best, the baseline) and
+    report.html (one self-contained page: the plot, every experiment, and the diff of every
+    kept change to target/train.py), and print their paths.
+    """
+    from runner.loop import RUNS_DIR
+    from runner.report import resolve_run, run_repo_for, write_report
+
+    runs_dir = runs_dir or RUNS_DIR
+    try:
+        run_dir = resolve_run(runs_dir, tag)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    png, page = write_report(run_dir, run_repo_for(run_dir.name, runs_dir), out_dir)
+    click.echo(png)
+    click.echo(page)
 
 
 @autoresearch.group(short_help="Build and list the container images.")

@@ -73,6 +73,7 @@ def make_record(spec: TrialSpec, outcome: Outcome, backend: str, started: float,
         "train_sha256": hashlib.sha256(Path(spec.train_py).read_bytes()).hexdigest(),
         "prepare_sha256": hashlib.sha256(PREPARE_PY.read_bytes()).hexdigest(),
         "data_manifest_sha256": hashlib.sha256((spec.data_dir / "manifest.json").read_bytes()).hexdigest(),
+        "eval_tokens": spec.eval_tokens,
         "exit_code": outcome.exit_code,
         "score": outcome.score,
         "summary": outcome.summary,
@@ -89,3 +90,82 @@ def run_trial(spec: TrialSpec, backend: str = "docker", log: Log = lambda _: Non
     t0 = time.perf_counter()
     outcome = run(spec, log)
     return make_record(spec, outcome, backend, started, time.perf_counter() - t0, **record_fields)
+
+
+# ------------------------------------------------------------------------------------------
+# Reproduction: rerun a recorded image with the recorded seed, budget and data
+# ------------------------------------------------------------------------------------------
+
+def find_record(ref: str, runs_dir: Path) -> dict[str, Any]:
+    """The record whose id (`<run>-<n>`) or image tag is `ref`, from any run's ledger."""
+    import json
+    for ledger in sorted(runs_dir.glob("*/experiments.jsonl")):
+        for line in ledger.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if ref in (record.get("id"), record.get("image_tag")):
+                return record
+    raise LookupError(f"no experiment {ref!r} in {runs_dir}/*/experiments.jsonl "
+                      "(give an experiment id like mytag-3 or an image tag)")
+
+
+def reproduce(ref: str, runs_dir: Path, data_dir: Path, gpu: str | None = None,
+              limits: Limits | None = None, log: Log = lambda _: None) -> tuple[dict, dict]:
+    """Rerun the recorded image; returns (recorded record, new record). Refuses (raises
+    InfrastructureError) when the data, the scorer or the base image differ from the recording."""
+    import tempfile
+
+    from runner.sandbox import InfrastructureError
+    from runner.sandbox import images
+
+    record = find_record(ref, runs_dir)
+    if not record.get("image_tag"):
+        raise InfrastructureError(f"{ref} has no image (it never trained): nothing to rerun")
+    cli = images.client()
+    try:
+        image = cli.images.get(record["image_tag"])
+    except Exception:
+        raise InfrastructureError(f"image {record['image_tag']} is not in the Docker engine "
+                                  "(pruned?): it cannot be rerun") from None
+    labels = image.labels or {}
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        raise InfrastructureError(f"no prepared data in {data_dir}: run `autoresearch prepare`")
+    now = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if now != record.get("data_manifest_sha256"):
+        raise InfrastructureError(
+            f"the data differ from the recording: manifest {now[:12]} in {data_dir}, recorded "
+            f"{str(record.get('data_manifest_sha256'))[:12]}; prepare the same data set (same "
+            "--dataset and --vocab-size) or pass its --data-dir")
+    prepare_now = hashlib.sha256(PREPARE_PY.read_bytes()).hexdigest()
+    if prepare_now != record.get("prepare_sha256"):
+        raise InfrastructureError("prepare.py (the scorer) differs from the recording: "
+                                  f"{prepare_now[:12]} now, {str(record.get('prepare_sha256'))[:12]} "
+                                  "recorded; check out the commit the run used")
+    base = images.default_base_tag()
+    base_id = cli.images.get(base).id if images.base_exists(base, cli) else None
+    if labels.get("autoresearch.base") != base_id:
+        raise InfrastructureError(
+            f"the base image differs from the recording: {base} is {str(base_id)[:19]}, the "
+            f"experiment was built on {labels.get('autoresearch.base', '?')[:19]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # The exact train.py the image holds (for the record's hash): read out of the image.
+        holder = cli.containers.create(record["image_tag"], ["true"], network_mode="none")
+        try:
+            from runner.sandbox.docker_backend import copy_out
+            train_py = Path(tmp) / "train.py"
+            if not copy_out(holder, "/app/train.py", train_py, 1 << 20):
+                raise InfrastructureError(f"{record['image_tag']} holds no /app/train.py")
+        finally:
+            holder.remove(force=True)
+        spec = TrialSpec(train_py=train_py, data_dir=data_dir,
+                         budget=int(labels.get("autoresearch.budget", record.get("budget", 300))),
+                         seed=int(labels.get("autoresearch.seed", record.get("seed", 0))),
+                         run=f"reproduce-{record.get('run', 'x')}", number=int(record.get("number", 0)),
+                         gpu=gpu, limits=limits or default_limits(gpu), image=record["image_tag"],
+                         eval_tokens=record.get("eval_tokens"), base_image=base)
+        new = run_trial(spec, "docker", log=log, description=f"reproduce {record['id']}",
+                        commit=record.get("commit"), parent=record.get("parent"))
+    return record, new

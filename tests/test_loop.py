@@ -1,0 +1,222 @@
+"""The overnight loop end to end on the docker backend, with short budgets: the search agent,
+the llm agent through litellm over real HTTP to a scripted local server, kill -9 and resume,
+and reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pytest
+
+from conftest import REPO
+
+docker = pytest.importorskip("docker")
+
+from runner.ledger import Ledger  # noqa: E402
+from runner.loop import LoopConfig, overnight  # noqa: E402
+from runner.sandbox import Limits  # noqa: E402
+from runner.sandbox import images  # noqa: E402
+
+
+def engine_ready() -> str | None:
+    try:
+        cli = docker.from_env()
+        cli.ping()
+    except Exception as e:  # noqa: BLE001
+        return f"no Docker engine: {e}"
+    if not images.base_exists(images.default_base_tag(), cli):
+        return "no base image: run `autoresearch images build`"
+    return None
+
+
+pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
+
+LIMITS = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
+                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
+                score_memory_bytes=4 * 2**30)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git repository holding the project's train.py and program.md, committed."""
+    root = tmp_path / "project"
+    (root / "target").mkdir(parents=True)
+    shutil.copy(REPO / "target" / "train.py", root / "target" / "train.py")
+    shutil.copy(REPO / "program.md", root / "program.md")
+    repo = git.Repo.init(root)
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "test").set_value("user", "email", "test@localhost")
+    repo.index.add(["target/train.py", "program.md"])
+    repo.index.commit("initial")
+    return root
+
+
+def config(project: Path, data: Path, tag: str, **kw) -> LoopConfig:
+    return LoopConfig(tag=tag, budget=2, data_dir=data, runs_dir=project / "runs",
+                      repo_root=project, limits=LIMITS, eval_tokens=4096, **kw)
+
+
+@pytest.fixture(autouse=True)
+def cleanup_images(request):
+    yield
+    cli = docker.from_env()
+    for image in cli.images.list(filters={"reference": "autoresearch/exp:looptest*"}):
+        cli.images.remove(image.id, force=True)
+
+
+def no_containers_left(tag: str) -> bool:
+    cli = docker.from_env()
+    return not (cli.containers.list(all=True, filters={"label": f"autoresearch.run={tag}"})
+                or cli.volumes.list(filters={"label": f"autoresearch.run={tag}"}))
+
+
+def check_branch_agrees(project: Path, tag: str, ledger: Ledger) -> None:
+    repo = git.Repo(project)
+    head = repo.commit(f"autoresearch/{tag}").hexsha
+    assert head == ledger.best()["commit"]
+    numbers = [r["number"] for r in ledger.records]
+    assert numbers == list(range(len(numbers)))            # none lost, none duplicated
+    for r in ledger.records[1:]:
+        if r["status"] != "keep" and r.get("commit"):
+            ref = f"refs/autoresearch/{tag}/discarded/{r['number']}"
+            assert repo.commit(ref).hexsha == r["commit"]   # discarded, still reachable
+    # The user's checkout was never touched.
+    assert repo.head.ref.name != f"autoresearch/{tag}"
+    assert not repo.is_dirty(untracked_files=False)
+
+
+def test_overnight_search_agent(project: Path, small_data: Path):
+    tag = "looptest-search"
+    ledger = overnight(config(project, small_data, tag, max_experiments=4, agent="search"),
+                       log=lambda _: None)
+    assert len(ledger.records) == 4
+    base = ledger.records[0]
+    assert base["number"] == 0 and base["status"] == "keep" and base["description"] == "baseline"
+    for r in ledger.records[1:]:
+        assert r["status"] in ("keep", "discard", "crash", "timeout", "oom", "invalid")
+        assert r["description"].startswith("search: ")
+        if r["trial_status"] == "ok":
+            assert "keep if val_bpb <" in r["decision"]
+    check_branch_agrees(project, tag, ledger)
+    tsv = (project / "runs" / tag / "results.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert len(tsv) == 5
+    assert no_containers_left(tag)
+    png, page = project / "runs" / tag / "progress.png", project / "runs" / tag / "report.html"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = page.read_text()
+    assert "data:image/png;base64," in html and "search: " in html
+    # A reused tag resumes: one more experiment, numbered on.
+    ledger = overnight(config(project, small_data, tag, max_experiments=5, agent="search"),
+                       log=lambda _: None)
+    assert [r["number"] for r in ledger.records] == [0, 1, 2, 3, 4]
+    check_branch_agrees(project, tag, ledger)
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from runner.loop import LoopConfig, overnight
+from runner.sandbox import Limits
+limits = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
+                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120, score_memory_bytes=4 * 2**30)
+cfg = LoopConfig(tag={tag!r}, budget=2, data_dir=Path({data!r}), runs_dir=Path({runs!r}),
+                 repo_root=Path({project!r}), limits=limits, eval_tokens=4096,
+                 max_experiments={n}, agent="search")
+overnight(cfg, log=print)
+"""
+
+
+def test_kill_9_and_resume(project: Path, small_data: Path):
+    tag = "looptest-kill"
+    runs = project / "runs"
+    script = RUNNER.format(repo=str(REPO), tag=tag, data=str(small_data), runs=str(runs),
+                           project=str(project), n=4)
+    jsonl = runs / tag / "experiments.jsonl"
+    cli = docker.from_env()
+
+    def count() -> int:
+        return len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
+
+    # First kill: while experiment 2 trains (a committed candidate with no record yet).
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if count() >= 2 and any(c.name.startswith(f"ar-train-{tag}-2")
+                                for c in cli.containers.list(filters={"label": f"autoresearch.run={tag}"})):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("experiment 2 never started training")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert count() == 2
+    # Its containers are still there (nothing ran its cleanup): the next start removes them.
+    assert not no_containers_left(tag)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming experiment 2" in proc.stdout
+    ledger = Ledger.open(runs / tag)
+    assert len(ledger.records) == 4
+    check_branch_agrees(project, tag, ledger)
+    assert no_containers_left(tag)
+
+
+def edit(search: str, replace: str, description: str) -> str:
+    """A SEARCH/REPLACE reply on the whole line of train.py that starts with `search`."""
+    line = next(l for l in (REPO / "target" / "train.py").read_text().splitlines()
+                if l.startswith(search))
+    new = replace + line[len(search):]
+    return (f"Trying something.\n<<<<<<< SEARCH\n{line}\n=======\n{new}\n>>>>>>> REPLACE\n"
+            f"DESCRIPTION: {description}\n")
+
+
+def test_overnight_llm_agent_over_http(project: Path, small_data: Path):
+    from llm_server import Delay, Reply, ScriptedLLM, Status
+
+    script = [
+        Reply(edit("LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 20.0", "softcap 20")),        # 1
+        Reply(edit("import prepare", "import prepare\nraise SystemExit(3)", "exit early")),  # 2
+        Reply("I think the learning rate is too high, but I will not write code."),        # 3
+        Status(429),
+        Reply(edit("ROPE_BASE = 10000.0", "ROPE_BASE = 20000.0", "rope base 20k")),         # 4
+        Delay(3.0),
+        Reply(edit("ADAM_BETAS = (0.8, 0.95)", "ADAM_BETAS = (0.85, 0.95)", "adam beta1")),  # 5
+        Reply("```diff\ndiff --git a/prepare/prepare.py b/prepare/prepare.py\n--- a/prepare/prepare.py\n"
+              "+++ b/prepare/prepare.py\n@@ -1 +1 @@\n-EVAL_TOKENS = 4\n+EVAL_TOKENS = 1\n```\n"
+              "DESCRIPTION: score fewer tokens"),                                           # 6
+    ]
+    tag = "looptest-llm"
+    with ScriptedLLM(script) as srv:
+        cfg = config(project, small_data, tag, max_experiments=7, agent="llm", model=srv.model,
+                     api_base=srv.url,
+                     agent_options={"fix_rounds": 0, "retry_wait": 0.01, "timeout": 1.0})
+        ledger = overnight(cfg, log=lambda _: None)
+        requests = list(srv.requests)
+    by = {r["number"]: r for r in ledger.records}
+    assert len(ledger.records) == 7
+    assert by[1]["trial_status"] == "ok" and by[1]["status"] in ("keep", "discard")
+    assert by[1]["description"] == "softcap 20" and by[1]["llm"]["completion_tokens"] > 0
+    assert by[2]["status"] == "crash" and by[2]["commit"]
+    assert by[3]["status"] == "invalid" and by[3]["commit"] is None
+    assert by[4]["trial_status"] == "ok" and by[4]["description"] == "rope base 20k"
+    assert by[5]["trial_status"] == "ok" and by[5]["description"] == "adam beta1"
+    assert by[6]["status"] == "invalid" and "other than train.py" in by[6]["reason"]
+    assert len(requests) == 8                                 # the 429 and the timeout, retried
+    # The crash's output reached the next prompt only as marked, untrusted data.
+    prompt = "\n".join(m["content"] for m in requests[2]["messages"])
+    assert "SystemExit" in prompt or "exited with code 3" in prompt
+    assert "untrusted" in prompt.lower()
+    check_branch_agrees(project, tag, ledger)
+    assert no_containers_left(tag)

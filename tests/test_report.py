@@ -1,0 +1,239 @@
+"""Reports: the status table, the progress plot and the self-contained HTML page, on a
+synthetic ledger shaped like the loop's records (with hostile text in it) and a real git repo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import git
+import pytest
+from rich.console import Console
+
+from runner import report
+from runner.repo import RunRepo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+XSS = "<script>alert(1)</script>"
+TAG = "night-1"
+
+
+def rec(number: int, status: str, val_bpb: float | None, description: str, *,
+        parent: str | None = None, commit: str | None = None, reason: str | None = None,
+        cost: float = 0.0, log_tail: str = "") -> dict[str, Any]:
+    """A record as runner.loop makes it (trial record + trial_status, decision, delta)."""
+    scored = val_bpb is not None
+    r: dict[str, Any] = {
+        "version": 1, "id": f"{TAG}-{number}", "run": TAG, "number": number,
+        "parent": parent, "commit": commit, "image_tag": f"autoresearch/exp:{TAG}-{number}-abc1234",
+        "description": description, "status": status, "reason": reason, "val_bpb": val_bpb,
+        "memory_gb": 11.25 if scored else None, "training_seconds": 300.2 if scored else None,
+        "phases": {"propose": 4.5, "build": 2.0, "train": 310.0, "train_inside": 305.0, "score": 20.0},
+        "wall_seconds": 333.0,
+        "started_at": f"2025-06-01T{1 + number // 12:02d}:{(number * 5) % 60:02d}:00+00:00",
+        "backend": "docker", "llm": {"model": "openai/gpt-x", "prompt_tokens": 1000,
+                                     "completion_tokens": 200, "cost_usd": cost},
+        "trial_status": "ok" if scored else status, "decision": "keep if val_bpb < best - 0.0005",
+        "delta": None, "log_tail": log_tail,
+    }
+    if status == "invalid":                 # a proposal that never became a trial
+        r.update(commit=None, wall_seconds=None, phases={"propose": 3.0}, memory_gb=None,
+                 decision="no valid proposal")
+    return r
+
+
+def init_repo(tmp: Path) -> tuple[RunRepo, dict[str, str]]:
+    """A git repo with target/train.py and the run's commits; returns it and commit ids."""
+    repo = git.Repo.init(tmp / "repo")
+    actor = git.Actor("t", "t@localhost")
+    train = Path(repo.working_tree_dir) / "target" / "train.py"
+    train.parent.mkdir(parents=True)
+    lines = [f"LINE_{i} = {i}\n" for i in range(12)]
+
+    def commit(edits: dict[int, str], message: str) -> str:
+        for i, text in edits.items():
+            lines[i] = text
+        train.write_text("".join(lines))
+        repo.index.add(["target/train.py"])
+        return repo.index.commit(message, author=actor, committer=actor).hexsha
+
+    ids = {"base": commit({0: "LEARNING_RATE = 0.01\n"}, "baseline")}
+    ids["k3"] = commit({0: "LEARNING_RATE = 0.02\n"}, "keep 3")
+    ids["k6"] = commit({5: "WARMUP_RATIO = 0.05  # & warm up\n"}, "keep 6")
+    ids["k9"] = commit({9: "DEPTH = 10\n"}, "keep 9")
+    run = RunRepo(repo=repo, tag=TAG, branch="master", worktree=Path(repo.working_tree_dir))
+    return run, ids
+
+
+def ledger(ids: dict[str, str]) -> list[dict[str, Any]]:
+    b, k3, k6, k9 = ids["base"], ids["k3"], ids["k6"], ids["k9"]
+    return [
+        rec(0, "keep", 1.100000, "baseline", commit=b),
+        rec(1, "discard", 1.104000, "lower weight decay", parent=b, commit="1" * 40, cost=0.01),
+        rec(2, "crash", None, "bigger batch", parent=b, commit="2" * 40, cost=0.01,
+            reason="exit code 1 & CUDA error", log_tail=f"Traceback\n{XSS}\nRuntimeError: boom"),
+        rec(3, "keep", 1.090000, "double the learning rate", parent=b, commit=k3, cost=0.02),
+        rec(4, "invalid", None, "[red]no[/red] markup", parent=k3, reason="SyntaxError at line 3 & more",
+            cost=0.005),
+        rec(5, "discard", 1.300000, "diverged run", parent=k3, commit="5" * 40),
+        rec(6, "keep", 1.072500, f"warmup {XSS}", parent=k3, commit=k6, cost=0.02),
+        rec(7, "timeout", None, "huge model", parent=k6, commit="7" * 40, reason="killed at the cap"),
+        rec(8, "discard", 1.073000, "tiny tweak", parent=k6, commit="8" * 40),
+        rec(9, "keep", 1.061234, "deeper model (10 layers)", parent=k6, commit=k9, cost=0.03),
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[RunRepo, list[dict[str, Any]]]:
+    run, ids = init_repo(tmp_path_factory.mktemp("report"))
+    return run, ledger(ids)
+
+
+def render(table) -> str:
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def write_ledger(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "experiments.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+# ---- the terminal table ----
+
+def test_status_table_rows_and_caption(setup):
+    _, records = setup
+    table = report.status_table(records, TAG)
+    assert table.row_count == len(records)
+    text = render(table)
+    caption = str(table.caption)
+    assert "10 experiments" in caption and "4 kept" in caption and "3 failed" in caption
+    assert "best 1.061234 (#9)" in caption
+    assert "LLM cost $0.10" in caption
+    # the delta is against the best before it: #8 is 1.073000 vs #6's 1.072500
+    row8 = next(line for line in text.splitlines() if "tiny tweak" in line)
+    assert "+0.000500" in row8 and "1.073000" in row8
+    row9 = next(line for line in text.splitlines() if "deeper model" in line)
+    assert "-0.011266" in row9
+    assert "[red]no[/red] markup" in text          # shown as text, not interpreted
+    assert "crash" in text and "invalid" in text and "timeout" in text
+
+
+def test_status_table_empty():
+    table = report.status_table([], "empty")
+    assert table.row_count == 0
+    assert "no scored experiment yet" in str(table.caption)
+    render(table)
+
+
+def test_latest_tag(tmp_path):
+    assert report.latest_tag(tmp_path / "missing") is None
+    assert report.latest_tag(tmp_path) is None
+    for i, tag in enumerate(["b", "a", "c"]):
+        write_ledger(tmp_path / tag, [])
+        os.utime(tmp_path / tag / "experiments.jsonl", (time.time() - 100 + i * 10,) * 2)
+    assert report.latest_tag(tmp_path) == "c"
+    os.utime(tmp_path / "a" / "experiments.jsonl")
+    assert report.latest_tag(tmp_path) == "a"
+
+
+def test_load_records_leaves_a_torn_line_alone(tmp_path, setup):
+    _, records = setup
+    write_ledger(tmp_path, records[:3])
+    path = tmp_path / "experiments.jsonl"
+    with open(path, "a") as f:
+        f.write('{"number": 3, "sta')
+    before = path.read_bytes()
+    assert [r["number"] for r in report.load_records(tmp_path)] == [0, 1, 2]
+    assert path.read_bytes() == before                 # read-only: the loop may be writing
+
+
+# ---- the plot ----
+
+@pytest.mark.parametrize("case", ["full", "one", "unscored", "empty", "many"])
+def test_progress_png(tmp_path, setup, case):
+    _, records = setup
+    rows = {
+        "full": records,
+        "one": records[:1],
+        "unscored": [records[2], records[4], records[7]],
+        "empty": [],
+        "many": [rec(i, "keep" if i % 37 == 0 else ("crash" if i % 11 == 0 else "discard"),
+                     None if i % 11 == 0 and i % 37 else 1.2 - i * 1e-4 + (i % 7) * 1e-3,
+                     f"experiment number {i} with a long description")
+                 for i in range(400)],
+    }[case]
+    path = report.progress_png(rows, tmp_path / "p.png", tag=TAG)
+    data = path.read_bytes()
+    width, height = png_size(data)
+    assert width >= 800 and height >= 400
+    assert 10_000 < len(data) < 1_500_000
+
+
+# ---- the page ----
+
+def test_report_html(tmp_path, setup):
+    run, records = setup
+    diffs = report.collect_diffs(records, run)
+    assert sorted(diffs) == [3, 6, 9]
+    assert "+LEARNING_RATE = 0.02" in diffs[3]
+    path = report.report_html(records, TAG, diffs, tmp_path / "report.html")
+    page = path.read_text(encoding="utf-8")
+    assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', page)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "<script" not in page.lower()               # no script at all, raw or ours
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "exit code 1 &amp; CUDA error" in page and "SyntaxError at line 3 &amp; more" in page
+    for r in records:
+        n = r["number"]
+        cls = "failed" if r["status"] in report.FAILED else r["status"]
+        assert f'<tr class="{cls}" id="exp-{n}">' in page
+        assert f"<td class=num>{n}</td>" in page or f'<a href="#diff-{n}">{n}</a>' in page
+    # the diffs of kept changes, escaped and coloured
+    assert '<span class="add">+LEARNING_RATE = 0.02</span>' in page
+    assert '<span class="del">-LEARNING_RATE = 0.01</span>' in page
+    assert "+WARMUP_RATIO = 0.05  # &amp; warm up" in page
+    assert 'id="diff-9"' in page and 'id="diff-1"' not in page
+    assert "1.061234" in page and "-0.038766" in page          # best and improvement
+
+
+def test_write_report(tmp_path, setup):
+    run, records = setup
+    run_dir = tmp_path / "runs" / TAG
+    write_ledger(run_dir, records)
+    png, page = report.write_report(run_dir, run)
+    assert png == run_dir / "progress.png" and page == run_dir / "report.html"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    text = page.read_text(encoding="utf-8")
+    assert "+DEPTH = 10" in text and "<script" not in text.lower()
+    # no repository: the page still comes, without diffs
+    out = tmp_path / "out"
+    png2, page2 = report.write_report(run_dir, None, out_dir=out)
+    assert png2.parent == out and "git repository was not found" in page2.read_text()
+    # a repository that lacks the commits: skipped, not fatal
+    other, _ = init_repo(tmp_path / "other")
+    _, page3 = report.write_report(run_dir, other, out_dir=tmp_path / "out3")
+    assert "no diff available" in page3.read_text()
+
+
+def test_write_report_one_and_no_record(tmp_path, setup):
+    _, records = setup
+    for name, rows in [("one", records[:1]), ("none", []), ("failed", [records[2]])]:
+        run_dir = tmp_path / name
+        write_ledger(run_dir, rows)
+        png, page = report.write_report(run_dir, None)
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert "no kept change yet" in page.read_text()
