@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from runner.ledger import Ledger
 from runner.paths import REPO_ROOT
-from runner.repo import RunRepo, open_run
+from runner.repo import RunRepo, check_tag, open_run
 from runner.sandbox import InfrastructureError, Limits, TrialSpec
 from runner.trial import default_limits, run_trial
 
@@ -134,6 +134,7 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
               ) -> Ledger:
     from runner.agents import make_agent
 
+    check_tag(cfg.tag)                                  # before anything is created
     run_dir = cfg.runs_dir / cfg.tag
     ledger = Ledger.open(run_dir)
     run = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)

@@ -112,3 +112,20 @@ def test_prepare_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.M
     assert argv[argv.index("--data-dir") + 1] == str((tmp_path / "envdata").resolve())
     assert argv[argv.index("--dataset") + 1] == "shakespeare"
     assert argv[argv.index("--vocab-size") + 1] == "8192"
+
+
+def test_overnight_refuses_bad_options_before_doing_anything() -> None:
+    runner_ = CliRunner()
+    result = runner_.invoke(autoresearch, ["overnight", "--agent", "llm"])
+    assert result.exit_code == 2 and "--model" in result.output
+    result = runner_.invoke(autoresearch, ["overnight", "--until", "25:99"])
+    assert result.exit_code == 2 and "HH:MM" in result.output
+    result = runner_.invoke(autoresearch, ["overnight", "--tag", "bad tag!"], catch_exceptions=False)
+    assert result.exit_code == 1 and "tag" in result.output and "Traceback" not in result.output
+    assert not (Path(runner.cli.__file__).resolve().parent.parent / "runs" / "bad tag!").exists()
+
+
+def test_every_command_has_help() -> None:
+    for command in ("prepare", "trial", "overnight", "status", "report", "reproduce", "images"):
+        result = CliRunner().invoke(autoresearch, [command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, command

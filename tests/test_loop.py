@@ -114,6 +114,23 @@ def test_overnight_search_agent(project: Path, small_data: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text()
     assert "data:image/png;base64," in html and "search: " in html
+    # reproduce: the recorded image, rerun as it is, with the recorded seed and budget.
+    from runner.sandbox import InfrastructureError
+    from runner.trial import reproduce
+    kept = ledger.best()
+    old, new = reproduce(kept["id"], project / "runs", small_data, limits=LIMITS)
+    assert old["id"] == kept["id"] and new["status"] == "ok"
+    assert new["image_tag"] == kept["image_tag"] and new["image_id"] == kept["image_id"]
+    assert new["train_sha256"] == kept["train_sha256"] and new["budget"] == 2
+    assert abs(new["val_bpb"] - kept["val_bpb"]) < 0.5        # time-budgeted: close, not equal
+    other = shutil.copytree(small_data, project / "other-data")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["note"] = "another build"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InfrastructureError, match="data differ"):
+        reproduce(kept["id"], project / "runs", other, limits=LIMITS)
+    with pytest.raises(LookupError):
+        reproduce("no-such-experiment", project / "runs", small_data)
     # A reused tag resumes: one more experiment, numbered on.
     ledger = overnight(config(project, small_data, tag, max_experiments=5, agent="search"),
                        log=lambda _: None)
