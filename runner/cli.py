@@ -261,18 +261,28 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--backend", type=click.Choice(["docker", "process"]), default="docker", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
-@click.option("--gpu", default=None, metavar="ID", help="Train on this GPU (default: CPU).")
+@click.option("--gpus", default=None, metavar="all|0,1,...",
+              help="One slot per GPU: 'all' takes every GPU no other process uses (NVML).")
+@click.option("--slots", type=click.IntRange(1), default=None,
+              help="Without GPUs: this many CPU slots, the cores and memory split between them.")
 @click.option("--min-delta", type=float, default=0.0005, show_default=True,
-              help="Keep a candidate only if it beats the best val_bpb by more than this.")
+              help="Keep a candidate only if it beats the best val_bpb by more than this...")
+@click.option("--noise-runs", type=click.IntRange(1), default=1, show_default=True,
+              help="...and by --noise-k times the spread of this many baseline runs (seeds).")
+@click.option("--noise-k", type=float, default=2.0, show_default=True)
+@click.option("--remeasure-noise", is_flag=True,
+              help="Run --noise-runs more baselines of the current best first (on a resumed run).")
+@click.option("--confirm", is_flag=True, help="Train an apparent win again (another seed) before keeping it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--memory", type=float, default=None, metavar="GB", help="RAM limit per trial.")
 @click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
               budget: int | None, max_experiments: int | None, until: str | None,
-              max_cost: float | None, backend: str, data_dir: Path | None, gpu: str | None,
-              min_delta: float, seed: int, memory: float | None, cpus: float | None,
-              eval_tokens: int | None) -> None:
+              max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
+              slots: int | None, min_delta: float, noise_runs: int, noise_k: float,
+              remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
+              cpus: float | None, eval_tokens: int | None) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
 
     The unmodified train.py runs first as the baseline. Each candidate is committed on branch
@@ -300,7 +310,20 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                 "API key in its usual variable) or --model openai/NAME --api-base URL.")
     if agent == "llm" and not model:
         raise click.UsageError("--agent llm needs --model (or AUTORESEARCH_MODEL)")
-    limits = default_limits(gpu)
+    from runner.gpu import available, resolve_gpus
+
+    if gpus and slots:
+        raise click.UsageError("--gpus and --slots do not mix: GPU slots, or CPU slots")
+    slot_gpus: list[str | None] = [None] * (slots or 1)
+    if gpus:
+        try:
+            slot_gpus = list(resolve_gpus(gpus, log=say))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpus") from exc
+        if not slot_gpus:
+            raise click.ClickException("no free GPU: " + ("every GPU is in use by another process"
+                                       if available() else "NVML finds no NVIDIA driver"))
+    limits = default_limits(slot_gpus[0], slots=len(slot_gpus) if slot_gpus[0] is None else 1)
     if memory is not None:
         limits = dataclasses.replace(limits, memory_bytes=int(memory * 2**30))
     if cpus is not None:
@@ -314,8 +337,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      budget=budget or int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300")),
                      max_experiments=max_experiments, until=stop_at, max_cost=max_cost,
                      backend=backend, data_dir=(data_dir or default_data_dir()).resolve(),
-                     min_delta=min_delta, seed=seed, gpu=gpu, limits=limits,
-                     eval_tokens=eval_tokens)
+                     min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
+                     remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
+                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens)
     if note := user_checkout_warning():
         say(note)
     if backend == "process":
@@ -476,8 +500,17 @@ def images_list() -> None:
         click.echo(f"{mark} {tag:<{width}}  {short_id}  {created}  {size:>9}")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a service manager, `kill`) cleans up like Ctrl-C: containers are removed on
+    # the way out instead of being left to the next start's orphan sweep.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point (``autoresearch``)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     autoresearch(prog_name="autoresearch")
 
 

@@ -41,11 +41,13 @@ def render(cfg: LoopConfig, state: LoopState) -> Group:
     elapsed = time.time() - state.phase_started
     expected = f" of ~{fmt_seconds(cfg.budget + 60)}" if state.phase == "training" else ""
     best = f"{state.best:.6f}" if state.best is not None else "-"
+    bar = f" (keep below {state.best - state.threshold:.6f})" if state.best and state.threshold else ""
+    running = ", ".join(f"#{n}" for n in sorted(state.running)) or "-"
     head = Text.assemble(
         (f"run {cfg.tag}", "bold"), f"   experiment #{state.number}   ",
         (state.phase, "cyan"), f" {fmt_seconds(elapsed)}{expected}   best val_bpb ",
-        (best, "bold green"), f"\n{time_left(cfg, state, mean_wall)}   agent {cfg.agent}"
-        f"   backend {cfg.backend}")
+        (best, "bold green"), bar, f"\n{time_left(cfg, state, mean_wall)}   training: {running}"
+        f" on {len(cfg.gpus)} slot(s)   agent {cfg.agent}   backend {cfg.backend}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "status", "val_bpb", "delta", "description"):
         table.add_column(col, justify="right" if col in ("#", "val_bpb", "delta") else "left")

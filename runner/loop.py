@@ -1,17 +1,32 @@
 """The overnight loop: propose, commit, build, train, score, keep or discard; repeat.
 
-Nothing is lost and a restart resumes. The order of writes makes every crash recoverable:
-a candidate is committed on the run's branch *before* it trains, its record is appended (and
-synced) *after*, and the branch is moved (discard: ref, then reset) last. On start,
-`reconcile` makes the branch agree with the ledger: a committed candidate with no record is
-trained again under its own number; a recorded discard whose reset never happened is redone.
-So `kill -9` at any moment, then the same command, loses and duplicates nothing.
+**Slots.** One trial runs per slot (a GPU, or a share of the CPUs). The agent works ahead in its
+own thread, keeping as many candidates ready as there are slots, so a slot never waits for it.
+
+**Keep rule.** A candidate is measured against the best *at the time it finishes*, not the one
+it was proposed from: it is kept only if its val_bpb beats that best by more than the
+threshold, `max(min_delta, noise_k x spread)`, where `spread` is the standard deviation of the
+baseline over `noise_runs` seeds (measured at the start of a run, and again with
+`remeasure_noise`). With `confirm`, an apparent win is trained again with another seed and kept
+only if the mean of both runs still wins. A kept candidate that was proposed on an older best
+replaces the whole train.py (its file is committed on top of the branch). Every record says
+which rule decided it (`decision`).
+
+**Nothing is lost.** A candidate is committed (off the branch, under
+`refs/autoresearch/<tag>/candidates/<n>`) before it trains; its record is appended and synced
+after; the refs and the branch move last (`RunRepo.settle`). On start, `reconcile` redoes the
+last step for every record and returns the candidates that were committed but never recorded,
+which train first. So `kill -9` at any moment, then the same command, loses and duplicates
+nothing.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import statistics
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +40,7 @@ from runner.trial import default_limits, run_trial
 PROGRAM_MD = REPO_ROOT / "program.md"
 RUNS_DIR = REPO_ROOT / "runs"
 MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken, stop
+FAILED = ("crash", "timeout", "oom", "invalid")
 
 
 @dataclass
@@ -41,12 +57,17 @@ class LoopConfig:
     data_dir: Path = REPO_ROOT / "data"
     runs_dir: Path = RUNS_DIR
     repo_root: Path = REPO_ROOT           # the repository whose train.py the run starts from
-    min_delta: float = 0.0005             # a keep must beat the best by more than this
+    min_delta: float = 0.0005             # a keep must beat the best by more than this...
+    noise_runs: int = 1                   # ...and by noise_k x the spread of this many baselines
+    noise_k: float = 2.0
+    remeasure_noise: bool = False         # run noise_runs more baselines of the current best
+    confirm: bool = False                 # retrain an apparent win with another seed first
     seed: int = 0
-    gpu: str | None = None
-    limits: Limits = field(default_factory=default_limits)
+    gpus: list[str | None] = field(default_factory=lambda: [None])   # one slot per entry
+    limits: Limits = field(default_factory=default_limits)          # per slot
     eval_tokens: int | None = None        # tests only
     agent_options: dict[str, Any] = field(default_factory=dict)
+    trial: Callable[..., dict[str, Any]] | None = None   # run_trial, or a cluster's submit
 
 
 @dataclass
@@ -58,7 +79,9 @@ class LoopState:
     phase: str = "starting"
     phase_started: float = field(default_factory=time.time)
     best: float | None = None
+    threshold: float | None = None
     recent: list[dict[str, Any]] = field(default_factory=list)
+    running: dict[int, str] = field(default_factory=dict)   # number -> description
     done: int = 0                          # experiments finished by this process
     total: int = 0                         # experiments in the ledger
     message: str = ""
@@ -70,6 +93,19 @@ class LoopState:
 
 
 Observer = Callable[[LoopState], None]
+
+
+@dataclass
+class Candidate:
+    number: int
+    commit: str | None                    # None: the proposal failed
+    parent: str | None
+    description: str
+    text: str = ""
+    role: str = "candidate"               # baseline | noise | candidate
+    seed: int = 0
+    llm: dict[str, Any] | None = None
+    error: str = ""
 
 
 def parse_until(text: str, now: datetime | None = None) -> datetime:
@@ -92,42 +128,55 @@ def history(ledger: Ledger):
 
     scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
                     key=lambda r: r["val_bpb"])
-    failures = [r for r in ledger.records if r.get("status") in ("crash", "timeout", "oom", "invalid")]
+    failures = [r for r in ledger.records if r.get("status") in FAILED]
     best = ledger.best()
     return History(best=[row(r) for r in scored[:5]], recent=[row(r) for r in ledger.records[-8:]],
                    last_failure=(failures[-1].get("log_tail") or "") if failures else "",
                    best_val_bpb=best["val_bpb"] if best else None)
 
 
-def reconcile(run: RunRepo, ledger: Ledger) -> tuple[int, str, str] | None:
-    """Make the branch agree with the ledger after a crash. Returns a committed candidate that
-    still has to be trained (number, commit, description), if any."""
-    best = ledger.best()
-    if best is None:
-        return None
-    head = run.head()
-    if head == best["commit"]:
-        return None
-    number = run.experiment_number(head)
-    recorded = ledger.numbers()
-    if (number is not None and number not in recorded
-            and run.repo.commit(head).parents[0].hexsha == best["commit"]):
-        return number, head, run.pending_candidate(recorded)[2]
-    if number is not None and number in recorded:
-        run.discard(number, head, best["commit"])          # the reset that never happened
-    else:                                                  # keep whatever it is reachable
-        run.repo.git.update_ref(f"refs/autoresearch/{run.tag}/orphaned/{head[:12]}", head)
-        run.wt.git.reset("--hard", best["commit"])
-    return None
+def spread(ledger: Ledger) -> float:
+    """Run-to-run standard deviation of the latest noise measurement (baseline and noise runs
+    of one commit, different seeds); 0 with fewer than two scored runs."""
+    runs = [r for r in ledger.records if r.get("role") in ("baseline", "noise")]
+    if not runs:
+        return 0.0
+    commit = runs[-1]["commit"]
+    values = [r["val_bpb"] for r in runs if r["commit"] == commit and r.get("val_bpb") is not None]
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
-def decide(outcome_status: str, val_bpb: float | None, best: float, min_delta: float
+def threshold(cfg: LoopConfig, ledger: Ledger) -> tuple[float, str]:
+    s = spread(ledger)
+    value = max(cfg.min_delta, cfg.noise_k * s)
+    return value, f"max(min_delta {cfg.min_delta:g}, {cfg.noise_k:g} x spread {s:.6f})"
+
+
+def decide(trial_status: str, val_bpb: float | None, best: float, limit: float, rule: str
            ) -> tuple[str, str]:
     """keep or discard (or the trial's failure status), and the rule that decided."""
-    if outcome_status != "ok" or val_bpb is None:
-        return outcome_status, "not scored"
-    rule = f"keep if val_bpb < best - {min_delta:g} ({best - min_delta:.6f})"
-    return ("keep" if val_bpb < best - min_delta else "discard"), rule
+    if trial_status != "ok" or val_bpb is None:
+        return trial_status, "not scored"
+    text = f"keep if val_bpb < best {best:.6f} - {rule} = {best - limit:.6f}"
+    return ("keep" if val_bpb < best - limit else "discard"), text
+
+
+def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
+    """Make refs and branch agree with the ledger after a crash; return the candidates that
+    were committed but never recorded, oldest first, to be trained again."""
+    by_number = {r["number"]: r for r in ledger.records}
+    pending = []
+    for number, (commit, parent, description) in sorted(run.candidates().items()):
+        record = by_number.get(number)
+        if record is None:
+            pending.append(Candidate(number, commit, parent, description,
+                                     text=run.read_train(commit)))
+        else:
+            run.settle(number, commit, record["commit"] if record["status"] == "keep" else None)
+    best = ledger.best()
+    if best is not None and run.head() != best["commit"]:
+        run.settle(best["number"], None, best["commit"])
+    return pending
 
 
 def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable[[str], None] = print
@@ -138,8 +187,7 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
     run_dir = cfg.runs_dir / cfg.tag
     ledger = Ledger.open(run_dir)
     run = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
-    state = LoopState(tag=cfg.tag)
-    state.recent, state.total = ledger.records[-5:], len(ledger.records)
+    state = LoopState(tag=cfg.tag, recent=ledger.records[-5:], total=len(ledger.records))
     if cfg.backend == "docker":
         from runner.sandbox.docker_backend import remove_orphans
         remove_orphans(log=log)
@@ -148,101 +196,213 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         options.update(model=cfg.model, api_base=cfg.api_base)
     else:
         options.setdefault("seed", cfg.seed)
-        options.setdefault("device", "gpu" if cfg.gpu is not None else "cpu")   # the branch that runs
+        options.setdefault("device", "gpu" if cfg.gpus[0] is not None else "cpu")  # what runs
     propose = make_agent(cfg.agent, **options)
     program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
+    lock = threading.RLock()                            # ledger, git, state
+    work = run_dir / "candidates"
+    trial_fn = cfg.trial or run_trial
 
-    def trial(number: int, commit: str, parent: str | None, description: str,
-              llm: dict[str, Any] | None = None) -> dict[str, Any]:
-        state.enter("training", number)
-        observe(state)
-        spec = TrialSpec(train_py=run.train_py(), data_dir=cfg.data_dir, budget=cfg.budget,
-                         run=cfg.tag, number=number, seed=cfg.seed, gpu=cfg.gpu, limits=cfg.limits,
-                         eval_tokens=cfg.eval_tokens,
-                         labels={"autoresearch.commit": commit, "autoresearch.parent": parent or ""})
-        return run_trial(spec, cfg.backend, log=log, description=description, commit=commit,
-                         parent=parent, llm=llm)
+    def train(c: Candidate, gpu: str | None, seed: int | None = None) -> dict[str, Any]:
+        path = work / f"{c.number}-{seed if seed is not None else c.seed}" / "train.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(c.text, encoding="utf-8")
+        spec = TrialSpec(train_py=path, data_dir=cfg.data_dir, budget=cfg.budget, run=cfg.tag,
+                         number=c.number, seed=c.seed if seed is None else seed, gpu=gpu,
+                         limits=cfg.limits, eval_tokens=cfg.eval_tokens,
+                         labels={"autoresearch.commit": c.commit or "",
+                                 "autoresearch.parent": c.parent or ""})
+        try:
+            return trial_fn(spec, cfg.backend, log=log, description=c.description,
+                            commit=c.commit, parent=c.parent, llm=c.llm)
+        finally:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
 
-    def record(rec: dict[str, Any]) -> None:
+    def append(rec: dict[str, Any]) -> None:
         ledger.append(rec)
         state.recent, state.total = ledger.records[-5:], len(ledger.records)
+        state.running.pop(rec["number"], None)
         state.done += 1
         observe(state)
 
-    # ---- the baseline: the unmodified train.py, first ----
+    # ---- baseline and noise runs: the unmodified train.py, over several seeds ----
+    def measure_noise(first: bool) -> None:
+        best = ledger.best()
+        commit = run.head() if first else best["commit"]
+        text = run.read_train(commit)
+        start = ledger.next_number()
+        jobs = [Candidate(start + i, commit, None if first and i == 0 else commit,
+                          "baseline" if first and i == 0 else f"noise: seed {cfg.seed + 1000 + i}",
+                          text=text, role="baseline" if first and i == 0 else "noise",
+                          seed=cfg.seed if first and i == 0 else cfg.seed + 1000 + i)
+                for i in range(cfg.noise_runs)]
+        state.enter("measuring noise" if len(jobs) > 1 else "baseline", start)
+        observe(state)
+        with cf.ThreadPoolExecutor(max_workers=len(cfg.gpus)) as pool:
+            futures = {pool.submit(train, job, cfg.gpus[i % len(cfg.gpus)]): job
+                       for i, job in enumerate(jobs)}
+            for future in cf.as_completed(futures):
+                job, rec = futures[future], future.result()
+                rec["trial_status"], rec["role"] = rec["status"], job.role
+                if job.role == "baseline":
+                    if rec["status"] == "ok":
+                        rec["status"], rec["decision"], rec["delta"] = "keep", "baseline", 0.0
+                elif rec["status"] == "ok":
+                    rec["status"], rec["decision"] = "discard", "noise measurement, never kept"
+                with lock:
+                    append(rec)
+        if first and ledger.best() is None:
+            r = next(r for r in ledger.records if r.get("role") == "baseline")
+            raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
+                                      "fix target/train.py or the set-up before running overnight")
+
     if ledger.best() is None:
         if ledger.records:
             raise InfrastructureError(f"run {cfg.tag} has records but no baseline; its ledger "
                                       f"({ledger.jsonl}) was edited by hand: start another --tag")
-        head = run.head()
-        rec = trial(0, head, None, "baseline")
-        rec["trial_status"] = rec["status"]
-        if rec["status"] == "ok":
-            rec["status"], rec["decision"], rec["delta"] = "keep", "baseline", 0.0
-        record(rec)
-        if rec["status"] != "keep":
-            raise InfrastructureError(f"the baseline did not run ({rec['status']}: {rec['reason']}); "
-                                      "fix target/train.py or the set-up before running overnight")
+        measure_noise(first=True)
     pending = reconcile(run, ledger)
+    if cfg.remeasure_noise:
+        measure_noise(first=False)
     state.best = ledger.best()["val_bpb"]
+    state.threshold = threshold(cfg, ledger)[0]
 
-    def should_stop() -> str | None:
-        if cfg.max_experiments is not None and len(ledger.records) >= cfg.max_experiments:
-            return f"reached --max-experiments {cfg.max_experiments}"
+    # ---- proposals, made ahead in their own thread ----
+    reserved = [ledger.next_number() - 1, max((c.number for c in pending), default=-1)]
+
+    def make_candidate() -> Candidate:
+        with lock:
+            best = ledger.best()
+            number = max(reserved + [ledger.next_number() - 1]) + 1
+            reserved.append(number)
+            text, hist = run.read_train(best["commit"]), history(ledger)
+        proposal = propose(program, text, hist)
+        llm = {"model": proposal.model, "prompt_tokens": proposal.prompt_tokens,
+               "completion_tokens": proposal.completion_tokens, "cost_usd": proposal.cost_usd,
+               "propose_seconds": round(proposal.seconds, 3)}
+        description = proposal.description[:120]
+        if proposal.train_py is None:
+            return Candidate(number, None, best["commit"], description, llm=llm,
+                             error=proposal.error[:500], seed=cfg.seed)
+        with lock:
+            commit = run.add_candidate(proposal.train_py, best["commit"], number, description)
+        return Candidate(number, commit, best["commit"], description, text=proposal.train_py,
+                         llm=llm, seed=cfg.seed)
+
+    def finish(c: Candidate, rec: dict[str, Any], gpu: str | None) -> None:
+        """Decide against the best at this moment; optionally confirm; record; move refs."""
+        with lock:
+            best = ledger.best()
+            limit, rule = threshold(cfg, ledger)
+        rec["trial_status"], rec["role"] = rec["status"], "candidate"
+        if c.llm:
+            rec["phases"]["propose"] = c.llm["propose_seconds"]
+        status, decision = decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit, rule)
+        if status == "keep" and cfg.confirm:
+            again = train(c, gpu, seed=c.seed + 1)
+            rec["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
+            values = [rec["val_bpb"]] + ([again["val_bpb"]] if again.get("val_bpb") is not None else [])
+            mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
+            with lock:
+                best = ledger.best()
+            status, decision = decide("ok", mean, best["val_bpb"], limit, rule)
+            decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
+        with lock:
+            kept_at = run.keep_commit(c.number, c.commit, c.description) if status == "keep" else None
+            rec["status"], rec["decision"] = status, decision
+            rec["delta"] = (rec["val_bpb"] - best["val_bpb"]) if rec["val_bpb"] is not None else None
+            rec["best_before"] = best["number"]
+            if kept_at:
+                rec["candidate_commit"], rec["commit"] = c.commit, kept_at
+            append(rec)                                # the truth first, then refs and branch
+            run.settle(c.number, c.commit, kept_at)
+            if kept_at:
+                state.best = rec["val_bpb"]
+            state.threshold = threshold(cfg, ledger)[0]
+
+    def record_failed_proposal(c: Candidate) -> None:
+        with lock:
+            append({"version": 1, "id": f"{cfg.tag}-{c.number}", "run": cfg.tag, "number": c.number,
+                    "parent": c.parent, "commit": None, "status": "invalid", "reason": c.error,
+                    "description": c.description, "val_bpb": None, "memory_gb": None, "llm": c.llm,
+                    "phases": {"propose": c.llm["propose_seconds"] if c.llm else 0.0},
+                    "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "trial_status": "invalid", "role": "candidate",
+                    "decision": "no valid proposal"})
+
+    def halt_reason() -> str | None:
+        """Stop starting anything: the clock, the money, or a broken agent."""
         if cfg.until is not None and datetime.now() >= cfg.until:
             return f"reached --until {cfg.until:%H:%M}"
         if cfg.max_cost is not None and ledger.total_cost() >= cfg.max_cost:
             return f"spent ${ledger.total_cost():.2f} of --max-cost ${cfg.max_cost:.2f}"
+        if failed_in_a_row >= MAX_FAILED_PROPOSALS:
+            return f"{failed_in_a_row} proposals in a row failed; see the last records' reasons"
         return None
 
-    failed_proposals = 0
-    while (why := should_stop()) is None:
-        if failed_proposals >= MAX_FAILED_PROPOSALS:
-            why = f"{failed_proposals} proposals in a row failed; see the last records' reasons"
-            break
-        best = ledger.best()
-        number = ledger.next_number()
-        llm_info: dict[str, Any] | None = None
-        if pending:
-            number, commit, description = pending
-            pending = None
-            log(f"resuming experiment {number}: {description}")
-        else:
-            state.enter("proposing", number)
+    # ---- the slots ----
+    free = list(cfg.gpus)
+    ready: list[Candidate] = list(pending)
+    for c in pending:
+        log(f"resuming experiment {c.number}: {c.description}")
+    running: dict[cf.Future, tuple[Candidate, str | None]] = {}
+    proposing: cf.Future | None = None
+    failed_in_a_row = 0
+    why: str | None = None
+    slots = cf.ThreadPoolExecutor(max_workers=len(cfg.gpus), thread_name_prefix="slot")
+    agent = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
+    clean_exit = False
+    try:
+        while True:
+            with lock:
+                why = why or halt_reason()
+                planned = len(ledger.records) + len(running) + len(ready) + (1 if proposing else 0)
+            enough = cfg.max_experiments is not None and planned >= cfg.max_experiments
+            if why is None and not enough and proposing is None and len(ready) < len(cfg.gpus):
+                proposing = agent.submit(make_candidate)
+                if not running:
+                    state.enter("proposing")
+                    observe(state)
+            while why is None and free and ready:
+                c, gpu = ready.pop(0), free.pop(0)
+                state.running[c.number] = c.description
+                state.enter("training", c.number)
+                observe(state)
+                running[slots.submit(train, c, gpu)] = (c, gpu)
+            if not running and proposing is None and (why is not None or (enough and not ready)):
+                why = why or f"reached --max-experiments {cfg.max_experiments}"
+                break
+            waiting = list(running) + ([proposing] if proposing else [])
+            done, _ = cf.wait(waiting, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                if future is proposing:
+                    proposing = None
+                    c = future.result()
+                    if c.commit is None:
+                        failed_in_a_row += 1
+                        record_failed_proposal(c)
+                    else:
+                        failed_in_a_row = 0
+                        ready.append(c)
+                else:
+                    c, gpu = running.pop(future)
+                    finish(c, future.result(), gpu)
+                    free.append(gpu)
             observe(state)
-            proposal = propose(program, run.read_train(), history(ledger))
-            llm_info = {"model": proposal.model, "prompt_tokens": proposal.prompt_tokens,
-                        "completion_tokens": proposal.completion_tokens,
-                        "cost_usd": proposal.cost_usd, "propose_seconds": round(proposal.seconds, 3)}
-            if proposal.train_py is None:
-                record({"version": 1, "id": f"{cfg.tag}-{number}", "run": cfg.tag, "number": number,
-                        "parent": best["commit"], "commit": None, "status": "invalid",
-                        "reason": proposal.error[:500], "description": proposal.description[:120],
-                        "val_bpb": None, "memory_gb": None, "llm": llm_info,
-                        "phases": {"propose": round(proposal.seconds, 3)},
-                        "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "trial_status": "invalid", "decision": "no valid proposal"})
-                failed_proposals += 1
-                continue
-            failed_proposals = 0
-            description = proposal.description[:120]
-            commit = run.commit_candidate(proposal.train_py, number, description)
-        rec = trial(number, commit, best["commit"], description, llm_info)
-        if llm_info:
-            rec["phases"]["propose"] = llm_info["propose_seconds"]
-        rec["trial_status"] = rec["status"]
-        status, rule = decide(rec["status"], rec["val_bpb"], best["val_bpb"], cfg.min_delta)
-        rec["status"], rec["decision"] = status, rule
-        rec["delta"] = (rec["val_bpb"] - best["val_bpb"]) if rec["val_bpb"] is not None else None
-        record(rec)                                       # the truth first, then the branch
-        if status != "keep":
-            run.discard(number, commit, best["commit"])
-        else:
-            state.best = rec["val_bpb"]
+        clean_exit = True
+    finally:
+        if not clean_exit and running and cfg.backend == "docker":
+            # Ctrl-C or an error: the trials in the slot threads cannot be interrupted, so
+            # their containers go now; each thread then finds its container gone and returns.
+            from runner.sandbox.docker_backend import abort_own
+            abort_own(cfg.tag)
+        agent.shutdown(wait=False, cancel_futures=True)
+        slots.shutdown(wait=True, cancel_futures=True)
     from runner.report import write_report
     write_report(run_dir, run)                          # progress.png and report.html
     state.enter("done")
-    state.message = why
+    state.message = why or "done"
     observe(state)
-    log(f"stopped: {why}")
+    log(f"stopped: {state.message}")
     return ledger

@@ -9,11 +9,14 @@ agent wrote is ever lost. A reused tag resumes: the same branch, the same worktr
 
 from __future__ import annotations
 
+import io
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
+from gitdb.base import IStream
 
 from runner.paths import REPO_ROOT
 
@@ -48,35 +51,69 @@ class RunRepo:
             return self.train_py().read_text(encoding="utf-8")
         return self.repo.git.show(f"{commit}:{TRAIN_REL}")
 
-    def commit_candidate(self, text: str, number: int, description: str) -> str:
-        """Write and commit a candidate train.py on the run's branch; return the commit."""
-        self.train_py().write_text(text, encoding="utf-8")
-        wt = self.wt
-        wt.index.add([TRAIN_REL])
-        message = f"autoresearch {self.tag} #{number}: {description}"
-        return wt.index.commit(message, author=AUTHOR, committer=AUTHOR).hexsha
+    # ---- candidates: commits off the branch, kept reachable under refs ----
+    # A candidate is committed with its parent (the best when it was proposed) but not on the
+    # branch, under refs/autoresearch/<tag>/candidates/<n>, so several can train at once.
+    # Kept: the branch moves to it (or to a new commit with its file, when the best has moved
+    # meanwhile). Discarded: its ref moves to .../discarded/<n>. Every step can be redone.
 
-    def discard(self, number: int, commit: str, back_to: str) -> None:
-        """Keep `commit` reachable under refs/autoresearch/<tag>/discarded/<n>, then reset the
-        branch to `back_to`. Safe to repeat (a resumed run may do it twice)."""
-        self.repo.git.update_ref(self.discarded_ref(number), commit)
-        self.wt.git.reset("--hard", back_to)
+    def ref(self, kind: str, number: int) -> str:
+        return f"refs/autoresearch/{self.tag}/{kind}/{number}"
 
-    def discarded_ref(self, number: int) -> str:
-        return f"refs/autoresearch/{self.tag}/discarded/{number}"
+    def commit_file(self, text: str, parent: str, message: str) -> str:
+        """A commit whose tree is `parent`'s with train.py replaced; touches no worktree
+        (a private index file), so candidates can be made while others train."""
+        data = text.encode("utf-8")
+        blob = self.repo.odb.store(IStream("blob", len(data), io.BytesIO(data))).hexsha.decode()
+        env = {"GIT_AUTHOR_NAME": AUTHOR.name, "GIT_AUTHOR_EMAIL": AUTHOR.email,
+               "GIT_COMMITTER_NAME": AUTHOR.name, "GIT_COMMITTER_EMAIL": AUTHOR.email}
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.repo.git.custom_environment(GIT_INDEX_FILE=str(Path(tmp) / "index"), **env):
+                self.repo.git.read_tree(parent)
+                self.repo.git.update_index("--add", "--cacheinfo", f"100644,{blob},{TRAIN_REL}")
+                tree = self.repo.git.write_tree()
+                return self.repo.git.commit_tree(tree, "-p", parent, "-m", message)
 
-    def pending_candidate(self, recorded: set[int]) -> tuple[int, str, str] | None:
-        """A candidate committed at the branch tip whose trial never got recorded (the runner
-        died in between): (number, commit, description), to be run again, else None."""
-        commit = self.wt.head.commit
-        m = MESSAGE.match(commit.message.strip().splitlines()[0]) if commit.message else None
-        if m and m.group("tag") == self.tag and int(m.group("number")) not in recorded:
-            return int(m.group("number")), commit.hexsha, m.group("description")
-        return None
+    def add_candidate(self, text: str, parent: str, number: int, description: str) -> str:
+        commit = self.commit_file(text, parent, f"autoresearch {self.tag} #{number}: {description}")
+        self.repo.git.update_ref(self.ref("candidates", number), commit)
+        return commit
 
-    def experiment_number(self, commit: str) -> int | None:
-        m = MESSAGE.match(self.repo.commit(commit).message.strip().splitlines()[0])
-        return int(m.group("number")) if m and m.group("tag") == self.tag else None
+    def candidates(self) -> dict[int, tuple[str, str, str]]:
+        """Candidates not yet settled: number -> (commit, parent, description)."""
+        out = {}
+        prefix = f"refs/autoresearch/{self.tag}/candidates/"
+        for line in self.repo.git.for_each_ref("--format=%(refname) %(objectname)", prefix).splitlines():
+            ref, sha = line.split()
+            commit = self.repo.commit(sha)
+            m = MESSAGE.match(commit.message.strip().splitlines()[0])
+            out[int(ref[len(prefix):])] = (sha, commit.parents[0].hexsha, m.group("description") if m else "")
+        return out
+
+    def keep_commit(self, number: int, commit: str, description: str) -> str:
+        """The commit the branch will stand on once `commit` is kept: itself when it grew from
+        the current head, else a new commit with its train.py on top of the head."""
+        head = self.head()
+        if self.repo.commit(commit).parents[0].hexsha == head:
+            return commit
+        return self.commit_file(self.read_train(commit), head,
+                                f"autoresearch {self.tag} #{number}: {description} "
+                                f"(proposed on an older best)")
+
+    def settle(self, number: int, commit: str | None, kept_at: str | None) -> None:
+        """Move refs after the record is written: kept -> the branch to `kept_at`; discarded ->
+        the candidate's ref to discarded/<n>. Safe to repeat."""
+        if commit:
+            if kept_at is None:
+                self.repo.git.update_ref(self.ref("discarded", number), commit)
+            elif kept_at != commit:
+                self.repo.git.update_ref(self.ref("kept", number), commit)
+            try:
+                self.repo.git.update_ref("-d", self.ref("candidates", number))
+            except git.GitCommandError:
+                pass
+        if kept_at is not None and self.head() != kept_at:
+            self.wt.git.reset("--hard", kept_at)
 
     def diff(self, parent: str, commit: str) -> str:
         return self.repo.git.diff(parent, commit, "--", TRAIN_REL)

@@ -20,17 +20,18 @@ from runner.sandbox import Limits, Log, Outcome, TrialSpec, get_backend
 RECORD_VERSION = 1
 
 
-def default_limits(gpu: str | None = None) -> Limits:
-    """Limits that fit this machine: no more RAM or cores than it has."""
+def default_limits(gpu: str | None = None, slots: int = 1) -> Limits:
+    """Limits that fit this machine: no more RAM or cores than it has, split over `slots`
+    trials running at once (CPU slots)."""
     cores = os.cpu_count() or 1
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         ram = 16 * 2**30
     base = Limits()
-    return replace(base, cpus=float(min(base.cpus, cores)),
-                   memory_bytes=min(base.memory_bytes, int(ram * 0.75)),
-                   score_memory_bytes=min(base.score_memory_bytes, int(ram * 0.5)))
+    return replace(base, cpus=float(min(base.cpus, max(cores / slots, 0.5))),
+                   memory_bytes=min(base.memory_bytes, int(ram * 0.75 / slots)),
+                   score_memory_bytes=min(base.score_memory_bytes, int(ram * 0.5 / slots)))
 
 
 def _float(value: Any) -> float | None:
@@ -89,6 +90,7 @@ def run_trial(spec: TrialSpec, backend: str = "docker", log: Log = lambda _: Non
     started = time.time()
     t0 = time.perf_counter()
     outcome = run(spec, log)
+    record_fields.setdefault("gpu", outcome.gpu)
     return make_record(spec, outcome, backend, started, time.perf_counter() - t0, **record_fields)
 
 

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from runner.sandbox import Limits, TrialSpec  # noqa: E402
 from runner.sandbox import images  # noqa: E402
 from runner.trial import run_trial  # noqa: E402
 
-RUN = "hostile"
+RUN = f"hostile{uuid.uuid4().hex[:6]}"   # unique: suites may share an engine
 LABEL = f"autoresearch.run={RUN}"
 TAG_PREFIX = f"autoresearch/exp:{RUN}-"
 BUDGET = 2

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def engine_ready() -> str | None:
 
 pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
 
-RUN = "trialtest"
+RUN = f"trialtest{uuid.uuid4().hex[:6]}"   # unique: suites may share an engine
 SMALL = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
                score_memory_bytes=4 * 2**30)

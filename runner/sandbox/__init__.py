@@ -81,6 +81,7 @@ class Outcome:
     image_tag: str | None = None
     image_id: str | None = None
     peak_memory_bytes: int | None = None
+    gpu: dict[str, Any] = field(default_factory=dict)   # NVML summary of the train phase
     backend: str = ""
 
     def to_dict(self) -> dict[str, Any]:

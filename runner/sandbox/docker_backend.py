@@ -38,6 +38,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
+from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
                             escape_log, parse_score, parse_summary, training_view)
@@ -139,6 +140,21 @@ def remove_orphans(cli: docker.DockerClient | None = None, log: Log | None = Non
     if removed and log:
         log(f"removed {removed} container(s)/volume(s) left by a runner that is gone")
     return removed
+
+
+def abort_own(run: str) -> int:
+    """Remove this runner's containers of `run` at once (Ctrl-C with trials in flight in other
+    threads: each finds its container gone, cleans the rest up and returns)."""
+    cli = images.client()
+    gone = 0
+    for c in cli.containers.list(all=True, filters={"label": [f"{LABEL_OWNER}={OWNER}",
+                                                             f"{LABEL_RUN}={run}"]}):
+        try:
+            c.remove(force=True)
+            gone += 1
+        except docker.errors.APIError:
+            pass
+    return gone
 
 
 def bounded_logs(container, limit: int, stdout: bool = True, stderr: bool = True) -> str:
@@ -266,6 +282,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
 
         t2 = time.perf_counter()
         stop, mem = threading.Event(), {}
+        gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         train.start()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
         sampler.start()
@@ -278,6 +295,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
             train.kill()
             exit_code = train.wait(timeout=30)["StatusCode"]
         stop.set()
+        gpu_sampler.stop()
+        outcome.gpu = gpu_sampler.summary()
         phases["train"] = time.perf_counter() - t2
         train.reload()
         oom_killed = bool(train.attrs["State"].get("OOMKilled"))

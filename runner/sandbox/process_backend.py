@@ -40,6 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
+from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
                             escape_log, parse_score, parse_summary, training_view)
@@ -227,7 +228,8 @@ def build_env(folder: Path, gpu: str | None) -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
            "LANG": "C.UTF-8", "HOME": str(folder / "home"), "TMPDIR": str(folder / "tmp"),
            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "CUDA_VISIBLE_DEVICES": gpu or ""}
+           "CUDA_VISIBLE_DEVICES": gpu or "",
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}             # the numbering NVML and docker use
     for name in PASS_THROUGH:
         if name in os.environ:
             env[name] = os.environ[name]
@@ -423,9 +425,12 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         t1 = time.perf_counter()
         log(f"training {spec.train_py} for {spec.budget}s (hard cap "
             f"{spec.budget + lim.startup_s}s) in {work}")
+        gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         try:
             train(spec, work, marker, outcome, procs)
         finally:
+            gpu_sampler.stop()
+            outcome.gpu = gpu_sampler.summary()
             phases["train"] = time.perf_counter() - t1
         if outcome.status != "ok":
             return outcome
