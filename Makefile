@@ -23,7 +23,7 @@ install: system-deps python-deps engine images
 
 python-deps: $(PY)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,cluster]'
 
 # Start dockerd when no engine answers (machines without systemd, such as CI containers).
 engine:

@@ -267,6 +267,11 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               help="One slot per GPU: 'all' takes every GPU no other process uses (NVML).")
 @click.option("--slots", type=click.IntRange(1), default=None,
               help="Without GPUs: this many CPU slots, the cores and memory split between them.")
+@click.option("--cluster", default=None, envvar="AUTORESEARCH_CLUSTER", metavar="ADDRESS",
+              help="Run trials as Ray tasks: ray://HOST:PORT, or HOST:PORT / auto from a node "
+              "[env AUTORESEARCH_CLUSTER]. One slot per trial the cluster can hold.")
+@click.option("--cluster-gpus", type=float, default=1.0, show_default=True,
+              help="GPUs each Ray trial asks for (0: a CPU slot).")
 @click.option("--min-delta", type=float, default=0.0005, show_default=True,
               help="Keep a candidate only if it beats the best val_bpb by more than this...")
 @click.option("--noise-runs", type=click.IntRange(1), default=1, show_default=True,
@@ -282,7 +287,8 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
               temperature: float | None, max_tokens: int | None, budget: int | None, max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
-              slots: int | None, min_delta: float, noise_runs: int, noise_k: float,
+              slots: int | None, cluster: str | None, cluster_gpus: float,
+              min_delta: float, noise_runs: int, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
               cpus: float | None, eval_tokens: int | None) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
@@ -316,6 +322,21 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
 
     if gpus and slots:
         raise click.UsageError("--gpus and --slots do not mix: GPU slots, or CPU slots")
+    if cluster and gpus:
+        raise click.UsageError("--cluster and --gpus do not mix: Ray picks each trial's GPU")
+    trial_fn = None
+    if cluster:
+        from runner.cluster import ClusterError, ClusterTrials, capacity, connect
+        try:
+            connect(cluster, log=say)
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from exc
+        fits = capacity(cluster_gpus, 1)
+        if fits == 0:
+            raise click.UsageError(f"the cluster at {cluster} has room for no trial of "
+                                   f"{cluster_gpus:g} GPU(s); no GPUs? use --cluster-gpus 0")
+        slots = slots or fits
+        trial_fn = ClusterTrials(num_gpus=cluster_gpus, num_cpus=1)
     slot_gpus: list[str | None] = [None] * (slots or 1)
     if gpus:
         try:
@@ -341,7 +362,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      backend=backend, data_dir=(data_dir or default_data_dir()).resolve(),
                      min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
-                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens,
+                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens, trial=trial_fn,
                      agent_options={k: v for k, v in (("temperature", temperature),
                                                       ("max_tokens", max_tokens)) if v is not None})
     if note := user_checkout_warning():

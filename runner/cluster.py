@@ -8,8 +8,8 @@ nodes need not share a filesystem. On the node it:
 1. writes ``train.py`` into a private temporary folder;
 2. finds the prepared data: the path the submitter named if it holds the same data set (same
    ``manifest.json`` hash), else the node's own ``$AUTORESEARCH_DATA_DIR`` (or ``<repo>/data``) if
-   that one matches; anything else is an ``InfrastructureError``: scores on other data would not be
-   comparable;
+   that one matches (a submitter without the data set: the named path as it is); anything else
+   is an ``InfrastructureError``: scores on other data would not be comparable;
 3. checks that the node's checkout has the same ``prepare.py`` (the scorer) as the submitter;
 4. runs ``runner.trial.run_trial`` there, on the GPU Ray assigned (``ray.get_gpu_ids()``; ``None``
    for a CPU task). The docker backend builds the same content-addressed image as a local run
@@ -24,7 +24,10 @@ node comes back as itself (not wrapped); a task lost with its worker or node com
 again is the loop's decision.
 
 The loop keeps several trials in flight with ``submit_trial`` + ``wait_any`` (or ``run_trials``
-does it for a list of specs); ``capacity`` says how many fit in the cluster now.
+does it for a list of specs); ``capacity`` says how many fit in the cluster now. ``cancel`` (not
+forced) stops running trials the way Ctrl-C does locally: their containers are killed and removed
+by the node. A trial whose worker was killed outright (forced cancel, node out of memory) leaves
+its containers to ``remove_orphans``, which the next trial on that node's new worker runs.
 
 Nodes need the project installed (``pip install -e '.[cluster]'``, the same commit), the Docker
 engine and base image (``autoresearch images build``) and the prepared data, and join the head
@@ -123,8 +126,15 @@ def connect(address: str, log: Log = lambda _: None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                  configure_logging=True)
     except Exception as exc:                                  # Ray raises many kinds here
+        hint = ""
+        if "Starting Ray client server failed" in str(exc):
+            hint = ("\nThe head's Ray Client proxy could not start a server for this client. With "
+                    "grpcio 1.81 or later that server can crash at birth (grpc/grpc#43055): install "
+                    "the head with `pip install -e '.[cluster]'` (grpcio<1.79) or start it with "
+                    "GRPC_ENABLE_FORK_SUPPORT=0; its logs are in <temp dir>/session_latest/logs/"
+                    "ray_client_server*.")
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: "
-                           f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+                           f"{type(exc).__name__}: {str(exc)[-500:]}{hint}") from exc
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     log(f"ray: connected to {address}: {nodes} node(s), {res.get('CPU', 0):g} CPU, "
@@ -202,8 +212,9 @@ def node_data_dir(requested: str, manifest_sha256: str | None) -> Path:
         if found is not None and (manifest_sha256 is None or found == manifest_sha256):
             return folder
     want = f"manifest {manifest_sha256[:12]}" if manifest_sha256 else "a prepared data set"
+    where = " or ".join(str(c) for c in dict.fromkeys(candidates))
     raise InfrastructureError(
-        f"node {socket.gethostname()} has no {want} in {' or '.join(str(c) for c in dict.fromkeys(candidates))}: "
+        f"node {socket.gethostname()} has no {want} in {where}: "
         "run `autoresearch prepare` there with the same --dataset and --vocab-size (or set "
         "AUTORESEARCH_DATA_DIR on the node before `ray start`)")
 
@@ -244,11 +255,12 @@ def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
     fields["limits"] = Limits(**fields["limits"])
     if fields["artifact_dir"] is not None:
         fields["artifact_dir"] = Path(fields["artifact_dir"])    # on this node
-    with tempfile.TemporaryDirectory(prefix="ar-ray-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="autoresearch-node-") as tmp:
         train_py = Path(tmp) / "train.py"
         train_py.write_bytes(payload["train_py"])
         spec = TrialSpec(train_py=train_py, data_dir=data_dir, gpu=gpu, **fields)
-        record = run_trial(spec, backend, log=log, **payload["record_fields"])
+        record = _interruptible(lambda: run_trial(spec, backend, log=log, **payload["record_fields"]),
+                                backend, log)
     ctx = ray.get_runtime_context()
     record["cluster"] = {
         "node": socket.gethostname(),
@@ -261,6 +273,84 @@ def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
         "log": lines[-NODE_LOG_LINES:],
     }
     return record
+
+
+def _interruptible(work: Callable[[], dict[str, Any]], backend: str, log: Log) -> dict[str, Any]:
+    """Run `work` so that a non-forced `ray.cancel` stops it cleanly.
+
+    Ray cancels a running task with `_thread.interrupt_main()`: a KeyboardInterrupt that waits
+    for the main thread to run Python code, which it does not do while the backend blocks in
+    `container.wait()` (up to the hard cap); and Ray repeats it every few seconds until the
+    task ends. So the trial runs in a thread and the main thread waits on an Event in short
+    steps (not `Thread.join`: a join interrupted by KeyboardInterrupt can mark a live thread as
+    finished). On the first interrupt a reaper thread kills the containers this worker owns (the
+    backend then sees them end and removes them and its volume, as on Ctrl-C locally); the main
+    thread waits for it through the repeated interrupts, then ends the task as cancelled. Other
+    backends are waited for: they end at their own hard cap."""
+    import threading
+
+    box: dict[str, Any] = {}
+    done, reaped = threading.Event(), threading.Event()
+
+    def target() -> None:
+        try:
+            box["record"] = work()
+        except BaseException as exc:                            # noqa: BLE001 (re-raised below)
+            box["error"] = exc
+        finally:
+            done.set()
+
+    def reap() -> None:
+        try:
+            _stop_trial(done, backend, log)
+        finally:
+            reaped.set()
+
+    threading.Thread(target=target, name="autoresearch-trial", daemon=True).start()
+    try:
+        while not done.wait(0.25):
+            pass
+    except KeyboardInterrupt:
+        log("trial cancelled: stopping it")
+        threading.Thread(target=reap, name="autoresearch-reaper", daemon=True).start()
+        while not reaped.is_set():
+            try:
+                reaped.wait(0.25)
+            except KeyboardInterrupt:                           # Ray repeats the cancel
+                pass
+        raise KeyboardInterrupt("trial cancelled") from None
+    if "error" in box:
+        raise box["error"]
+    return box["record"]
+
+
+def _stop_trial(done, backend: str, log: Log, deadline_s: float = 120.0) -> None:
+    """Until the trial has finished (`done` is set): kill the running containers of this
+    worker (a Ray worker runs one task at a time, so they are this trial's; containers created
+    after the interrupt, while the build was still running, are killed as they appear)."""
+    deadline = time.monotonic() + deadline_s
+    if backend != "docker":
+        done.wait(deadline_s)
+    else:
+        try:
+            import docker.errors
+
+            from runner.sandbox import images
+            from runner.sandbox.docker_backend import LABEL_OWNER, OWNER
+
+            cli = images.client()
+            while not done.is_set() and time.monotonic() < deadline:
+                for container in cli.containers.list(filters={"label": f"{LABEL_OWNER}={OWNER}"}):
+                    try:
+                        container.kill()
+                    except docker.errors.APIError:              # already stopped or removed
+                        pass
+                done.wait(0.5)
+        except Exception as exc:                                # noqa: BLE001
+            log(f"warning: could not stop the cancelled trial's containers: {exc}")
+    if not done.is_set():
+        log(f"warning: the cancelled trial still runs after {deadline_s:.0f} s; a later task "
+            "on this node removes what it leaves")
 
 
 _remote_trial = None
@@ -288,15 +378,20 @@ def submit_trial(spec: TrialSpec, backend: str = "docker", record_fields: dict[s
 
 def _result(ref) -> dict[str, Any] | BaseException:
     """The record behind a finished ref, or the exception that stands for it: the node's own
-    exception (InfrastructureError, ImageError...) unwrapped, Ray's own failures as ClusterError."""
+    exception (InfrastructureError, ImageError...) unwrapped, Ray's own failures (cancelled,
+    worker or node died, object lost) as ClusterError."""
     ray = _ray()
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        return cause if isinstance(cause, BaseException) else ClusterError(str(exc)[-1000:])
-    except ray.exceptions.TaskCancelledError as exc:
-        return ClusterError(f"trial cancelled: {exc}")
+        if isinstance(cause, (ray.exceptions.TaskCancelledError, KeyboardInterrupt)):
+            return ClusterError(f"trial cancelled ({ref})")
+        if isinstance(cause, BaseException) and not isinstance(cause, ray.exceptions.RayError):
+            return cause
+        return ClusterError(f"the trial failed on the cluster: {str(exc)[-1000:]}")
+    except ray.exceptions.TaskCancelledError:
+        return ClusterError(f"trial cancelled ({ref})")
     except ray.exceptions.RayError as exc:                      # worker or node died, lost object
         return ClusterError(f"the cluster lost a trial ({type(exc).__name__}): {str(exc)[-500:]}")
 
@@ -325,6 +420,43 @@ def cancel(refs: Iterable) -> None:
             ray.cancel(ref, force=False)
         except Exception:                                       # already finished or gone
             pass
+
+
+class ClusterTrials:
+    """`run_trial`'s signature, run on the cluster: for `LoopConfig.trial`, whose slot threads
+    each block in one call (so N slots keep N trials in flight). Raises what `run_trial` would
+    (InfrastructureError, image errors) or ClusterError; `cancel_all` stops every trial still
+    in flight (the loop's Ctrl-C path: their containers are on the nodes, not here)."""
+
+    def __init__(self, num_gpus: float = 1.0, num_cpus: float = 1.0):
+        import threading
+
+        self.num_gpus, self.num_cpus = num_gpus, num_cpus
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, Any] = {}
+
+    def __call__(self, spec: TrialSpec, backend: str = "docker", log: Log = lambda _: None,
+                 **record_fields: Any) -> dict[str, Any]:
+        ref = submit_trial(spec, backend, record_fields, self.num_gpus, self.num_cpus)
+        with self._lock:
+            self._in_flight[id(ref)] = ref
+        try:
+            result = _result(ref)
+        finally:
+            with self._lock:
+                self._in_flight.pop(id(ref), None)
+        if isinstance(result, BaseException):
+            raise result
+        where = result.get("cluster", {})
+        for line in where.get("log", []):
+            log(f"[{where.get('node', '?')}] {line}")
+        return result
+
+    def cancel_all(self) -> int:
+        with self._lock:
+            refs = list(self._in_flight.values())
+        cancel(refs)
+        return len(refs)
 
 
 def run_trials(specs: Iterable[TrialSpec], backend: str = "docker",

@@ -188,7 +188,7 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
     ledger = Ledger.open(run_dir)
     run = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
     state = LoopState(tag=cfg.tag, recent=ledger.records[-5:], total=len(ledger.records))
-    if cfg.backend == "docker":
+    if cfg.backend == "docker" and cfg.trial is None:   # on a cluster, each node sweeps its own
         from runner.sandbox.docker_backend import remove_orphans
         remove_orphans(log=log)
     options = dict(cfg.agent_options)
@@ -196,7 +196,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         options.update(model=cfg.model, api_base=cfg.api_base)
     else:
         options.setdefault("seed", cfg.seed)
-        options.setdefault("device", "gpu" if cfg.gpus[0] is not None else "cpu")  # what runs
+        gpu_slots = cfg.gpus[0] is not None or getattr(cfg.trial, "num_gpus", 0) > 0
+        options.setdefault("device", "gpu" if gpu_slots else "cpu")     # the branch that runs
     propose = make_agent(cfg.agent, **options)
     program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
     lock = threading.RLock()                            # ledger, git, state
@@ -392,7 +393,9 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
             observe(state)
         clean_exit = True
     finally:
-        if not clean_exit and running and cfg.backend == "docker":
+        if not clean_exit and running and hasattr(cfg.trial, "cancel_all"):
+            cfg.trial.cancel_all()                      # trials on cluster nodes
+        elif not clean_exit and running and cfg.backend == "docker":
             # Ctrl-C or an error: the trials in the slot threads cannot be interrupted, so
             # their containers go now; each thread then finds its container gone and returns.
             from runner.sandbox.docker_backend import abort_own

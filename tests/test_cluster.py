@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -131,7 +132,7 @@ def head():
         cluster.disconnect()
         if proc.poll() is None:
             proc.kill()
-        left = stop_session(proc.pid)
+        left = stop_session(proc.pid, grace_s=2)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"
@@ -149,11 +150,19 @@ def client(head):
 
 @pytest.fixture(scope="module", autouse=True)
 def remove_test_images():
+    """Torn down last (after the head is stopped): leaves no image, container or volume of
+    this module, and fails if a trial left a container or volume behind."""
     yield
     cli = docker.from_env()
+    mine = {"label": f"autoresearch.run={RUN}"}
+    left = cli.containers.list(all=True, filters=mine) + cli.volumes.list(filters=mine)
+    for container in cli.containers.list(all=True, filters=mine):
+        container.remove(force=True)
+    for volume in cli.volumes.list(filters=mine):
+        volume.remove(force=True)
     for image in cli.images.list(filters={"reference": f"autoresearch/exp:{RUN}-*"}):
         cli.images.remove(image.id, force=True)
-    assert not cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})
+    assert not left, f"left behind: {left}"
 
 
 def spec_for(data: Path, number: int, **kw) -> TrialSpec:
@@ -192,17 +201,57 @@ def test_trial_runs_as_a_ray_task_and_builds_the_same_image(client, small_data: 
 def test_two_trials_in_flight_both_complete(client, small_data: Path):
     assert cluster.capacity(num_gpus=0, num_cpus=1) == 2
     assert cluster.capacity(num_gpus=1, num_cpus=1) == 0        # no GPU in this cluster
-    refs = [cluster.submit_trial(spec_for(small_data, n), "docker", num_gpus=0, num_cpus=1)
-            for n in (2, 3)]
-    records, pending, deadline = {}, refs, time.monotonic() + 240
-    while pending and time.monotonic() < deadline:
-        finished, pending = cluster.wait_any(pending, timeout=deadline - time.monotonic())
-        records.update((r["number"], r) for _, r in finished)
-    assert not pending, "trials still running at the deadline"
+    specs = [spec_for(small_data, n) for n in (2, 3)]
+    t0 = time.perf_counter()
+    results = list(cluster.run_trials(specs, "docker", num_gpus=0, num_cpus=1))  # in flight: 2
+    assert time.perf_counter() - t0 < 240
+    records = {spec.number: record for spec, record in results}
     assert sorted(records) == [2, 3]
-    assert all(r["status"] == "ok" for r in records.values()), records
+    assert all(isinstance(r, dict) and r["status"] == "ok" for r in records.values()), records
     a, b = (records[n]["cluster"] for n in (2, 3))
     assert a["started"] < b["finished"] and b["started"] < a["finished"], "they did not overlap"
+
+
+SLOW_TRAIN = """
+import time
+print("started", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_data: Path,
+                                                                 tmp_path: Path):
+    """The loop's way: a slot thread blocks in a ClusterTrials call; Ctrl-C cancels them all."""
+    slow = tmp_path / "train.py"
+    slow.write_text(SLOW_TRAIN)
+    trials = cluster.ClusterTrials(num_gpus=0, num_cpus=1)
+    outcome: dict = {}
+
+    def slot():
+        try:
+            outcome["record"] = trials(replace(spec_for(small_data, 5), train_py=slow), "docker")
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=slot, daemon=True)
+    thread.start()
+    cli = docker.from_env()
+    training = {"label": f"autoresearch.run={RUN}", "name": f"ar-train-{RUN}-5-", "status": "running"}
+    deadline = time.monotonic() + 60
+    while not cli.containers.list(filters=training) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cli.containers.list(filters=training), "the slow trial never started training"
+    assert trials.cancel_all() == 1
+    thread.join(60)
+    assert isinstance(outcome.get("error"), cluster.ClusterError), outcome
+    assert "cancelled" in str(outcome["error"])
+    deadline = time.monotonic() + 30                       # the node kills and removes them
+    while cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"}) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})
+    assert not cli.volumes.list(filters={"label": f"autoresearch.run={RUN}"})
 
 
 def test_infrastructure_error_comes_back_as_itself(client, tmp_path: Path):
@@ -210,6 +259,8 @@ def test_infrastructure_error_comes_back_as_itself(client, tmp_path: Path):
     error = get_one(ref, timeout=60)
     assert isinstance(error, InfrastructureError), error
     assert "autoresearch prepare" in str(error) and str(tmp_path / "nothing") in str(error)
+    with pytest.raises(InfrastructureError, match="autoresearch prepare"):   # the loop's way
+        cluster.ClusterTrials(num_gpus=0, num_cpus=1)(spec_for(tmp_path / "nothing", 4))
 
 
 @pytest.mark.parametrize("scheme", ["ray://", ""])
@@ -219,6 +270,16 @@ def test_closed_port_is_a_clear_error_quickly(head, scheme: str):
     with pytest.raises(cluster.ClusterError, match=re.escape(address)):
         cluster.connect(address)
     assert time.perf_counter() - t0 < 10
+
+
+def test_address_parsing():
+    assert cluster._host_port("ray://10.0.0.5") == ("10.0.0.5", 10001)
+    assert cluster._host_port("ray://head:1234") == ("head", 1234)
+    assert cluster._host_port("10.0.0.5") == ("10.0.0.5", 6379)
+    assert cluster._host_port("[::1]:7000") == ("::1", 7000)
+    assert cluster._host_port("auto") is None
+    with pytest.raises(cluster.ClusterError, match="not a port"):
+        cluster._host_port("ray://head:http")
 
 
 def test_existing_cluster_by_gcs_address(head):
