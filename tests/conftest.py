@@ -65,3 +65,25 @@ def small_data(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "manifest.json").read_text())["val_tokens"] > 4 * 1024 + 1
     return out
+
+
+def docker_engine_missing() -> str | None:
+    """Why the docker-backed tests cannot run here (no engine, no base image), or None."""
+    try:
+        import docker
+        from runner.sandbox import images
+        cli = docker.from_env()
+        cli.ping()
+    except Exception as e:  # noqa: BLE001
+        return f"no Docker engine: {e}"
+    if not images.base_exists(images.default_base_tag(), cli):
+        return "no base image: run `autoresearch images build`"
+    return None
+
+
+def small_limits():
+    """Trial limits for tests: a slice of a 2-core, 24 GiB machine."""
+    from runner.sandbox import Limits
+    return Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
+                  tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
+                  score_memory_bytes=4 * 2**30)

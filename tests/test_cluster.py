@@ -24,35 +24,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, docker_engine_missing, small_limits
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[cluster]'")
 docker = pytest.importorskip("docker")
 
 from runner import cluster  # noqa: E402
-from runner.sandbox import InfrastructureError, Limits, TrialSpec  # noqa: E402
+from runner.sandbox import InfrastructureError, TrialSpec  # noqa: E402
 from runner.sandbox import docker_backend, images  # noqa: E402
 
 
-def engine_ready() -> str | None:
-    try:
-        cli = docker.from_env()
-        cli.ping()
-    except Exception as e:  # noqa: BLE001
-        return f"no Docker engine: {e}"
-    if not images.base_exists(images.default_base_tag(), cli):
-        return "no base image: run `autoresearch images build`"
-    return None
-
-
-pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
+pytestmark = pytest.mark.skipif(docker_engine_missing() is not None,
+                                reason=str(docker_engine_missing()))
 
 RUN = "raytest"
 TRAIN_PY = REPO / "target" / "train.py"
 RAY_BIN = Path(sys.executable).with_name("ray")
-SMALL = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-               tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
-               score_memory_bytes=4 * 2**30)
+SMALL = small_limits()
 # Ray resolves 127.0.0.1 to the machine's outward address unless told not to; with this the
 # head, its GCS and every agent bind to loopback only (this head has no authentication).
 LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

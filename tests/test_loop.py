@@ -18,7 +18,7 @@ from pathlib import Path
 import git
 import pytest
 
-from conftest import REPO
+from conftest import REPO, docker_engine_missing, small_limits
 
 docker = pytest.importorskip("docker")
 
@@ -28,23 +28,11 @@ from runner.sandbox import Limits  # noqa: E402
 from runner.sandbox import images  # noqa: E402
 
 
-def engine_ready() -> str | None:
-    try:
-        cli = docker.from_env()
-        cli.ping()
-    except Exception as e:  # noqa: BLE001
-        return f"no Docker engine: {e}"
-    if not images.base_exists(images.default_base_tag(), cli):
-        return "no base image: run `autoresearch images build`"
-    return None
-
-
-pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
+pytestmark = pytest.mark.skipif(docker_engine_missing() is not None,
+                                reason=str(docker_engine_missing()))
 
 SESSION = f"looptest{uuid.uuid4().hex[:6]}"     # unique: suites may share one engine
-LIMITS = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
-                score_memory_bytes=4 * 2**30)
+LIMITS = small_limits()
 
 
 @pytest.fixture

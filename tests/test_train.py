@@ -39,4 +39,4 @@ def test_train_export_and_score(small_data: Path, tmp_path: Path):
     score = json.loads(run([PREPARE_PY, "score", "--model", model, "--data-dir", small_data,
                             "--device", "cpu"]))
     assert score["status"] == "ok", score
-    assert score["val_bpb"] < 0.8 * score["uniform_bpb"], score
+    assert score["val_bpb"] < score["uniform_bpb"], score      # learnt something in 3 s

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, docker_engine_missing
 
 docker = pytest.importorskip("docker")
 
@@ -23,23 +23,10 @@ from runner.sandbox import docker_backend, images  # noqa: E402
 from runner.trial import run_trial  # noqa: E402
 
 
-def engine_ready() -> str | None:
-    try:
-        cli = docker.from_env()
-        cli.ping()
-    except Exception as e:  # noqa: BLE001
-        return f"no Docker engine: {e}"
-    if not images.base_exists(images.default_base_tag(), cli):
-        return "no base image: run `autoresearch images build`"
-    return None
-
-
-pytestmark = pytest.mark.skipif(engine_ready() is not None, reason=str(engine_ready()))
+pytestmark = pytest.mark.skipif(docker_engine_missing() is not None,
+                                reason=str(docker_engine_missing()))
 
 RUN = f"trialtest{uuid.uuid4().hex[:6]}"   # unique: suites may share an engine
-SMALL = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-               tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
-               score_memory_bytes=4 * 2**30)
 
 
 def leftovers() -> list:
