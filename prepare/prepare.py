@@ -47,9 +47,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:                      # torch is imported lazily: `data` does not need it
+    import torch
 
 # ------------------------------------------------------------------------------------------
 # Constants (fixed: every experiment is measured against these)

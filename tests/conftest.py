@@ -87,3 +87,20 @@ def small_limits():
     return Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
                   tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120,
                   score_memory_bytes=4 * 2**30)
+
+
+def wait_for_training(run: str, number: int | None = None, timeout: float = 60.0,
+                      ready=lambda: True) -> bool:
+    """Wait until the training container of `run` (experiment `number`, if given) is up and
+    `ready()` holds; False when `timeout` passes first."""
+    import time
+    import docker
+    cli = docker.from_env()
+    prefix = f"ar-train-{run}-{number}-" if number is not None else "ar-train-"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = cli.containers.list(filters={"label": f"autoresearch.run={run}", "status": "running"})
+        if ready() and any(c.name.startswith(prefix) for c in running):
+            return True
+        time.sleep(0.2)
+    return False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 import uuid
 from pathlib import Path
 

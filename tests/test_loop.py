@@ -5,12 +5,10 @@ and reproduce."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -18,14 +16,13 @@ from pathlib import Path
 import git
 import pytest
 
-from conftest import REPO, docker_engine_missing, small_limits
+from conftest import REPO, docker_engine_missing, small_limits, wait_for_training
 
 docker = pytest.importorskip("docker")
 
 from runner.ledger import Ledger  # noqa: E402
 from runner.loop import LoopConfig, overnight  # noqa: E402
 from runner.sandbox import Limits  # noqa: E402
-from runner.sandbox import images  # noqa: E402
 
 
 pytestmark = pytest.mark.skipif(docker_engine_missing() is not None,
@@ -153,7 +150,6 @@ def test_kill_9_and_resume(project: Path, small_data: Path):
     script = RUNNER.format(repo=str(REPO), tag=tag, data=str(small_data), runs=str(runs),
                            project=str(project), n=4)
     jsonl = runs / tag / "experiments.jsonl"
-    cli = docker.from_env()
 
     def count() -> int:
         return len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
@@ -161,13 +157,7 @@ def test_kill_9_and_resume(project: Path, small_data: Path):
     # First kill: while experiment 2 trains (a committed candidate with no record yet).
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if count() >= 2 and any(c.name.startswith(f"ar-train-{tag}-2")
-                                for c in cli.containers.list(filters={"label": f"autoresearch.run={tag}"})):
-            break
-        time.sleep(0.2)
-    else:
+    if not wait_for_training(tag, 2, timeout=240, ready=lambda: count() >= 2):
         proc.kill()
         pytest.fail("experiment 2 never started training")
     proc.send_signal(signal.SIGKILL)

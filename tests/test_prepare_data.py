@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -220,7 +221,7 @@ class ShardServer:
 SHARDS = {P.SHARD_NAME.format(i): parquet_bytes(i) for i in range(3)}
 
 
-def build_parquet(url: str, out: Path, cache: Path, shards: int = 2) -> "subprocess.CompletedProcess":
+def build_parquet(url: str, out: Path, cache: Path, shards: int = 2) -> subprocess.CompletedProcess:
     return run_prepare("data", "--dataset", f"parquet-url:{url}", "--data-dir", str(out),
                        "--cache-dir", str(cache), "--num-shards", str(shards), "--vocab-size", "400")
 

@@ -8,17 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, docker_engine_missing
+from conftest import REPO, docker_engine_missing, wait_for_training
 
 docker = pytest.importorskip("docker")
 
-from runner.sandbox import InfrastructureError, Limits, TrialSpec  # noqa: E402
+from runner.sandbox import InfrastructureError, TrialSpec  # noqa: E402
 from runner.sandbox import docker_backend, images  # noqa: E402
 from runner.trial import run_trial  # noqa: E402
 
@@ -109,14 +108,7 @@ def test_ctrl_c_removes_every_container(small_data: Path, tmp_path: Path):
             f"budget=60, run={RUN!r}, limits=Limits(memory_bytes=2**30, cpus=1.0))\n"
             "run_trial(spec, 'docker')\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    cli = docker.from_env()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        running = cli.containers.list(filters={"label": f"autoresearch.run={RUN}", "status": "running"})
-        if any(c.name.startswith("ar-train-") for c in running):
-            break
-        time.sleep(0.2)
-    else:
+    if not wait_for_training(RUN):
         proc.kill()
         pytest.fail("the training container never started")
     proc.send_signal(signal.SIGINT)

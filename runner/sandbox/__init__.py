@@ -23,9 +23,6 @@ from typing import Any, Callable
 
 Log = Callable[[str], None]
 
-# What a trial can end as. `ok` means scored; the loop turns it into keep or discard.
-STATUSES = ("ok", "crash", "timeout", "oom", "invalid")
-
 TRAINING_FILES = ("manifest.json", "tokenizer.json", "token_bytes.npy", "train")  # never val/
 
 
@@ -66,7 +63,8 @@ class TrialSpec:
 
 @dataclass
 class Outcome:
-    """What a backend found. `phases` holds wall seconds of build, train, score (and, for the
+    """What a backend found. `status` is ok (scored; the loop turns it into keep or discard),
+    crash, timeout, oom or invalid. `phases` holds wall seconds of build, train, score (and, for the
     docker backend, the steps inside them); `summary` is the candidate's own `key: value`
     summary: informative, never trusted for the decision."""
 
