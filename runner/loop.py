@@ -2,6 +2,9 @@
 
 **Slots.** One trial runs per slot (a GPU, or a share of the CPUs). The agent works ahead in its
 own thread, keeping as many candidates ready as there are slots, so a slot never waits for it.
+A fresh run starts with the baseline (and the noise runs, one per slot): the agent proposes
+from the same train.py meanwhile and the other slots train those candidates at once; their keep
+decisions wait until the baseline and noise runs are recorded.
 
 **Keep rule.** A candidate is measured against the best *at the time it finishes*, not the one
 it was proposed from: it is kept only if its val_bpb beats that best by more than the
@@ -228,53 +231,67 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         observe(state)
 
     # ---- baseline and noise runs: the unmodified train.py, over several seeds ----
-    def measure_noise(first: bool) -> None:
-        best = ledger.best()
-        commit = run.head() if first else best["commit"]
+    def measurement_jobs(first: bool) -> list[Candidate]:
+        commit = run.head() if first else ledger.best()["commit"]
         text = run.read_train(commit)
         start = ledger.next_number()
-        jobs = [Candidate(start + i, commit, None if first and i == 0 else commit,
+        return [Candidate(start + i, commit, None if first and i == 0 else commit,
                           "baseline" if first and i == 0 else f"noise: seed {cfg.seed + 1000 + i}",
                           text=text, role="baseline" if first and i == 0 else "noise",
                           seed=cfg.seed if first and i == 0 else cfg.seed + 1000 + i)
                 for i in range(cfg.noise_runs)]
-        state.enter("measuring noise" if len(jobs) > 1 else "baseline", start)
+
+    def record_measurement(job: Candidate, rec: dict[str, Any]) -> None:
+        rec["trial_status"], rec["role"] = rec["status"], job.role
+        if job.role == "baseline":
+            if rec["status"] == "ok":
+                rec["status"], rec["decision"], rec["delta"] = "keep", "baseline", 0.0
+        elif rec["status"] == "ok":
+            rec["status"], rec["decision"] = "discard", "noise measurement, never kept"
+        with lock:
+            append(rec)
+
+    def check_baseline() -> None:
+        if ledger.best() is None:
+            r = next(r for r in ledger.records if r.get("role") == "baseline")
+            raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
+                                      "fix target/train.py or the set-up before running overnight")
+
+    def remeasure_noise() -> None:
+        """More seeds of the current best, all slots at once, before anything else runs."""
+        jobs = measurement_jobs(first=False)
+        state.enter("measuring noise", jobs[0].number)
         observe(state)
         with cf.ThreadPoolExecutor(max_workers=len(cfg.gpus)) as pool:
             futures = {pool.submit(train, job, cfg.gpus[i % len(cfg.gpus)]): job
                        for i, job in enumerate(jobs)}
             for future in cf.as_completed(futures):
-                job, rec = futures[future], future.result()
-                rec["trial_status"], rec["role"] = rec["status"], job.role
-                if job.role == "baseline":
-                    if rec["status"] == "ok":
-                        rec["status"], rec["decision"], rec["delta"] = "keep", "baseline", 0.0
-                elif rec["status"] == "ok":
-                    rec["status"], rec["decision"] = "discard", "noise measurement, never kept"
-                with lock:
-                    append(rec)
-        if first and ledger.best() is None:
-            r = next(r for r in ledger.records if r.get("role") == "baseline")
-            raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
-                                      "fix target/train.py or the set-up before running overnight")
+                record_measurement(futures[future], future.result())
 
+    # A fresh run measures the baseline (and the noise) inside the slot loop below: the jobs
+    # go first in the queue, the agent proposes from the same commit meanwhile, and free slots
+    # train candidates at once. Their decisions wait until the measurement is recorded.
+    measuring: list[Candidate] = []
     if ledger.best() is None:
         if ledger.records:
             raise InfrastructureError(f"run {cfg.tag} has records but no baseline; its ledger "
                                       f"({ledger.jsonl}) was edited by hand: start another --tag")
-        measure_noise(first=True)
+        measuring = measurement_jobs(first=True)
     pending = reconcile(run, ledger)
-    if cfg.remeasure_noise:
-        measure_noise(first=False)
-    state.best = ledger.best()["val_bpb"]
-    state.threshold = threshold(cfg, ledger)[0]
+    if cfg.remeasure_noise and not measuring:
+        remeasure_noise()
+    if not measuring:
+        state.best = ledger.best()["val_bpb"]
+        state.threshold = threshold(cfg, ledger)[0]
 
     # ---- proposals, made ahead in their own thread ----
-    reserved = [ledger.next_number() - 1, max((c.number for c in pending), default=-1)]
+    reserved = [ledger.next_number() - 1, max((c.number for c in pending), default=-1),
+                max((c.number for c in measuring), default=-1)]
+    base_commit = run.head()                  # what the baseline measures, while it runs
 
     def make_candidate() -> Candidate:
         with lock:
-            best = ledger.best()
+            best = ledger.best() or {"commit": base_commit}
             number = max(reserved + [ledger.next_number() - 1]) + 1
             reserved.append(number)
             text, hist = run.read_train(best["commit"]), history(ledger)
@@ -344,16 +361,33 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
 
     # ---- the slots ----
     free = list(cfg.gpus)
-    ready: list[Candidate] = list(pending)
+    ready: list[Candidate] = measuring + list(pending)
     for c in pending:
         log(f"resuming experiment {c.number}: {c.description}")
     running: dict[cf.Future, tuple[Candidate, str | None]] = {}
+    deferred: list[tuple[Candidate, dict[str, Any], str | None]] = []   # finished while measuring
     proposing: cf.Future | None = None
     failed_in_a_row = 0
     why: str | None = None
     slots = cf.ThreadPoolExecutor(max_workers=len(cfg.gpus), thread_name_prefix="slot")
     agent = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
     clean_exit = False
+
+    def measured(job: Candidate, rec: dict[str, Any]) -> None:
+        """A baseline or noise run ended; after the last, decide what waited for it."""
+        record_measurement(job, rec)
+        measuring.remove(job)
+        if measuring:
+            return
+        check_baseline()
+        state.best = ledger.best()["val_bpb"]
+        state.threshold = threshold(cfg, ledger)[0]
+        while deferred:
+            c, rec, gpu = deferred.pop(0)
+            finish(c, rec, gpu)
+            if cfg.confirm:                           # its slot was held for the rerun
+                free.append(gpu)
+
     try:
         while True:
             with lock:
@@ -368,7 +402,10 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
             while why is None and free and ready:
                 c, gpu = ready.pop(0), free.pop(0)
                 state.running[c.number] = c.description
-                state.enter("training", c.number)
+                if c.role == "candidate":
+                    state.enter("training", c.number)
+                else:
+                    state.enter("measuring noise" if cfg.noise_runs > 1 else "baseline", c.number)
                 observe(state)
                 running[slots.submit(train, c, gpu)] = (c, gpu)
             if not running and proposing is None and (why is not None or (enough and not ready)):
@@ -386,8 +423,17 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
                     else:
                         failed_in_a_row = 0
                         ready.append(c)
+                    continue
+                c, gpu = running.pop(future)
+                if c.role != "candidate":
+                    free.append(gpu)
+                    measured(c, future.result())
+                elif measuring:
+                    deferred.append((c, future.result(), gpu))
+                    state.running.pop(c.number, None)
+                    if not cfg.confirm:                   # a confirming rerun needs the slot
+                        free.append(gpu)
                 else:
-                    c, gpu = running.pop(future)
                     finish(c, future.result(), gpu)
                     free.append(gpu)
             observe(state)
@@ -402,8 +448,11 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
             abort_own(cfg.tag)
         agent.shutdown(wait=False, cancel_futures=True)
         slots.shutdown(wait=True, cancel_futures=True)
-    from runner.report import write_report
-    write_report(run_dir, run)                          # progress.png and report.html
+    try:                                                # progress.png and report.html
+        from runner.report import write_report
+        write_report(run_dir, run)
+    except Exception as e:                              # the ledger is whole: report later
+        log(f"report not written ({type(e).__name__}: {e}); `autoresearch report` retries")
     state.enter("done")
     state.message = why or "done"
     observe(state)

@@ -257,3 +257,43 @@ def test_two_slots_noise_and_confirm(project: Path, small_data: Path):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
     check_branch_agrees(project, tag, ledger)
     assert no_containers_left(tag)
+
+
+def test_candidates_train_while_the_baseline_runs(project: Path, small_data: Path):
+    """The agent proposes while the baseline trains and a free slot trains that proposal at
+    once; its keep decision waits for the baseline and is taken against it."""
+    import time
+
+    from llm_server import ScriptedLLM
+
+    arrivals: list[float] = []
+    edits = [edit("LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 20.0", "softcap 20"),
+             edit("ROPE_BASE = 10000.0", "ROPE_BASE = 20000.0", "rope base 20k")]
+
+    def reply(body: dict):
+        from llm_server import Reply
+        arrivals.append(time.time())
+        return Reply(edits[(len(arrivals) - 1) % len(edits)])
+
+    tag = f"{SESSION}-overlap"
+    half = Limits(**{**LIMITS.__dict__, "cpus": 1.0})
+    with ScriptedLLM(default=reply) as srv:
+        cfg = config(project, small_data, tag, max_experiments=3, agent="llm", model=srv.model,
+                     api_base=srv.url, gpus=[None, None],
+                     agent_options={"fix_rounds": 0, "retry_wait": 0.01, "timeout": 30.0})
+        cfg.limits = half
+        ledger = overnight(cfg, log=lambda _: None)
+    by = {r["number"]: r for r in ledger.records}
+    assert sorted(by) == [0, 1, 2] and by[0]["role"] == "baseline" and by[0]["status"] == "keep"
+    base_start = datetime.fromisoformat(by[0]["started_at"]).timestamp()
+    base_end = base_start + by[0]["wall_seconds"]
+    assert arrivals and arrivals[0] < base_end - 1            # proposed while the baseline ran
+    first = datetime.fromisoformat(by[1]["started_at"]).timestamp()
+    assert first < base_end - 1                               # and trained beside it
+    assert ledger.records[0]["number"] == 0                   # the baseline is recorded first
+    assert by[1]["role"] == by[2]["role"] == "candidate"
+    assert by[1]["parent"] == by[0]["commit"]                 # proposed from the baseline
+    if by[1]["trial_status"] == "ok":
+        assert f"best {by[0]['val_bpb']:.6f}" in by[1]["decision"] and by[1]["best_before"] == 0
+    check_branch_agrees(project, tag, ledger)
+    assert no_containers_left(tag)
