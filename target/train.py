@@ -65,7 +65,8 @@ FINAL_LR_FRAC = 0.05                     # lr multiplier at the end of the decay
 # seconds; the best weights seen are the ones exported (the real validation split is never
 # available here). Five minutes on an H100 is hundreds of passes over a 5 MB text.
 HOLDOUT_TOKENS = 2**16 if GPU else 2**11 # training tokens held out (not trained on)
-EVAL_EVERY_S = 10.0 if GPU else 1.0      # seconds of training between holdout checks
+EVAL_EVERY_S = 10.0 if GPU else max(1.0, prepare.TIME_BUDGET / 40)  # seconds between holdout
+                                         # checks (on CPU about 40 a run: each one pauses the clock)
 
 # Run
 TIME_BUDGET = prepare.TIME_BUDGET        # seconds of training time
