@@ -12,7 +12,8 @@ What it edits
     source text of that one value expression is rewritten; the rest of the file is untouched.
     Skipped: booleans, non-numeric values (``prepare.SEQ_LEN``, ``GPU``), zero and negative
     numbers (except that a zero dropout/decay may be switched on at 0.05 or 0.1), and names
-    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget).
+    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget, and the untimed
+    warm-up steps: more of them is training outside the clock, not a finding).
 
 How a value moves (``up`` = larger, ``down`` = smaller; a small step first, a big one second)
     - ``2**k``: the exponent moves by 1 (big: 2); powers of two stay powers of two.
@@ -61,7 +62,7 @@ from typing import Iterable
 
 from runner.agents import History, Proposal
 
-DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|VERBOSE|LOG_EVERY"
+DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|UNTIMED|VERBOSE|LOG_EVERY"
 FAILED = ("crash", "timeout", "oom")
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _DESC = re.compile(r"^\s*search:\s+(?P<name>[A-Z][A-Z0-9_]*(?:\[\d+\])?)\s+(?P<old>\S+)\s+->\s+"
