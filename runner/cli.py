@@ -163,6 +163,29 @@ def run_streaming(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def cluster_trial(address: str, num_gpus: float, spec, backend: str, say) -> dict:
+    """One trial as a Ray task on the cluster at `address`; its record, as run_trial's."""
+    from runner.cluster import ClusterError, ClusterTrials, capacity, connect, disconnect
+    try:
+        connect(address, log=say)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        if capacity(num_gpus, 1) == 0:
+            raise click.UsageError(f"the cluster at {address} has room for no trial of "
+                                   f"{num_gpus:g} GPU(s); no GPUs? use --cluster-gpus 0")
+        trials = ClusterTrials(num_gpus=num_gpus, num_cpus=1)
+        try:
+            return trials(spec, backend, log=say)
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            say(f"interrupted: cancelling the trial on the cluster ({trials.cancel_all()} in flight)")
+            raise
+    finally:
+        disconnect()
+
+
 @autoresearch.command(short_help="Build, train and score one train.py in a sealed container.")
 @click.argument("train_py", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--budget", type=click.IntRange(1), default=None,
@@ -184,16 +207,22 @@ def run_streaming(argv: list[str]) -> int:
               help="Score fewer validation tokens (tests only).")
 @click.option("--artifact-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Copy the trained model.pt2 here.")
+@click.option("--cluster", default=None, envvar="AUTORESEARCH_CLUSTER", metavar="ADDRESS",
+              help="Run the trial as a Ray task on this cluster (ray://HOST:PORT or a Ray address) "
+              "[env AUTORESEARCH_CLUSTER]: the node builds the same image; --data-dir must "
+              "hold the same prepared data there.")
+@click.option("--cluster-gpus", type=float, default=1.0, show_default=True,
+              help="GPUs the trial asks of the cluster (0: a CPU trial).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON record on stdout.")
 def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
           data_dir: Path | None, seed: int, memory: float | None, cpus: float | None,
           startup: int | None, eval_tokens: int | None, artifact_dir: Path | None,
-          as_json: bool) -> None:
+          cluster: str | None, cluster_gpus: float, as_json: bool) -> None:
     """Run TRAIN_PY once: build its image, train it for the budget, score it.
 
     The record's status is ok, crash, timeout, oom or invalid; the exit code is 0 whenever
     the trial ran, whatever its status, and non-zero only when it could not run (no Docker
-    engine, no base image, no prepared data).
+    engine, no base image, no prepared data, no room on the cluster).
     """
     import dataclasses
     import json
@@ -216,13 +245,18 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
                      budget=budget, seed=seed, gpu=gpu, limits=limits, eval_tokens=eval_tokens,
                      artifact_dir=artifact_dir)
     say = (lambda line: click.echo(line, err=True))
+    if cluster and gpu:
+        raise click.UsageError("--cluster and --gpu do not mix: Ray picks the trial's GPU")
     if backend == "process":
         say("WARNING: --backend process isolates nothing: train.py runs as you, on this machine.")
     try:
-        if backend == "docker":
-            from runner.sandbox.docker_backend import remove_orphans
-            remove_orphans(log=say)
-        record = run_trial(spec, backend, log=say)
+        if cluster:
+            record = cluster_trial(cluster, cluster_gpus, spec, backend, say)
+        else:
+            if backend == "docker":
+                from runner.sandbox.docker_backend import remove_orphans
+                remove_orphans(log=say)
+            record = run_trial(spec, backend, log=say)
     except (InfrastructureError, ImageError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -235,6 +269,9 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
     click.echo(f"image       {record['image_tag'] or '-'}")
     click.echo(f"training    {record['training_seconds'] or '-'} s   memory {record['memory_gb'] or '-'} GB")
     click.echo(f"phases      {phases}")
+    if record.get("cluster"):
+        where = record["cluster"]
+        click.echo(f"node        {where['node']} ({where['node_ip']}), GPU {where['gpu'] or '-'}")
     if record["status"] != "ok" and record["log_tail"]:
         click.echo("log tail (candidate output, untrusted):")
         click.echo("\n".join(record["log_tail"].splitlines()[-15:]))

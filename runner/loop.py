@@ -10,10 +10,10 @@ decisions wait until the baseline and noise runs are recorded.
 it was proposed from: it is kept only if its val_bpb beats that best by more than the
 threshold, `max(min_delta, noise_k x spread)`, where `spread` is the standard deviation of the
 baseline over `noise_runs` seeds (measured at the start of a run, and again with
-`remeasure_noise`). With `confirm`, an apparent win is trained again with another seed and kept
-only if the mean of both runs still wins. A kept candidate that was proposed on an older best
-replaces the whole train.py (its file is committed on top of the branch). Every record says
-which rule decided it (`decision`).
+`remeasure_noise`). With `confirm`, an apparent win is trained again with another seed, on
+its own slot while the others go on, and kept only if the mean of both runs still wins. A
+kept candidate that was proposed on an older best replaces the whole train.py (its file is
+committed on top of the branch). Every record says which rule decided it (`decision`).
 
 **Nothing is lost.** A candidate is committed (off the branch, under
 `refs/autoresearch/<tag>/candidates/<n>`) before it trains; its record is appended and synced
@@ -308,8 +308,16 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         return Candidate(number, commit, best["commit"], description, text=proposal.train_py,
                          llm=llm, seed=cfg.seed)
 
-    def finish(c: Candidate, rec: dict[str, Any], gpu: str | None) -> None:
-        """Decide against the best at this moment; optionally confirm; record; move refs."""
+    def apparent_win(rec: dict[str, Any]) -> bool:
+        """With --confirm: this result would be kept, so it is trained again first."""
+        with lock:
+            best, (limit, rule) = ledger.best(), threshold(cfg, ledger)
+        return cfg.confirm and decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit,
+                                      rule)[0] == "keep"
+
+    def finish(c: Candidate, rec: dict[str, Any], again: dict[str, Any] | None = None) -> None:
+        """Decide against the best at this moment (with the confirming rerun `again`, on the
+        mean of both runs); record; move refs."""
         with lock:
             best = ledger.best()
             limit, rule = threshold(cfg, ledger)
@@ -317,13 +325,10 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         if c.llm:
             rec["phases"]["propose"] = c.llm["propose_seconds"]
         status, decision = decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit, rule)
-        if status == "keep" and cfg.confirm:
-            again = train(c, gpu, seed=c.seed + 1)
+        if again is not None:
             rec["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
             values = [rec["val_bpb"]] + ([again["val_bpb"]] if again.get("val_bpb") is not None else [])
             mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
-            with lock:
-                best = ledger.best()
             status, decision = decide("ok", mean, best["val_bpb"], limit, rule)
             decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
         with lock:
@@ -364,7 +369,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
     ready: list[Candidate] = measuring + list(pending)
     for c in pending:
         log(f"resuming experiment {c.number}: {c.description}")
-    running: dict[cf.Future, tuple[Candidate, str | None]] = {}
+    # future -> (candidate, its slot, the first result when the future is its confirming rerun)
+    running: dict[cf.Future, tuple[Candidate, str | None, dict[str, Any] | None]] = {}
     deferred: list[tuple[Candidate, dict[str, Any], str | None]] = []   # finished while measuring
     proposing: cf.Future | None = None
     failed_in_a_row = 0
@@ -372,6 +378,16 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
     slots = cf.ThreadPoolExecutor(max_workers=len(cfg.gpus), thread_name_prefix="slot")
     agent = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
     clean_exit = False
+
+    def settle_trial(c: Candidate, rec: dict[str, Any], gpu: str | None) -> None:
+        """A candidate's trial ended: confirm an apparent win on the same slot (it stays
+        taken), or decide now and free the slot."""
+        if apparent_win(rec):
+            state.running[c.number] = f"{c.description} (confirming)"
+            running[slots.submit(train, c, gpu, c.seed + 1)] = (c, gpu, rec)
+        else:
+            finish(c, rec)
+            free.append(gpu)
 
     def measured(job: Candidate, rec: dict[str, Any]) -> None:
         """A baseline or noise run ended; after the last, decide what waited for it."""
@@ -384,9 +400,10 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         state.threshold = threshold(cfg, ledger)[0]
         while deferred:
             c, rec, gpu = deferred.pop(0)
-            finish(c, rec, gpu)
-            if cfg.confirm:                           # its slot was held for the rerun
-                free.append(gpu)
+            if cfg.confirm:                           # its slot was held for a rerun
+                settle_trial(c, rec, gpu)
+            else:
+                finish(c, rec)
 
     try:
         while True:
@@ -407,7 +424,7 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
                 else:
                     state.enter("measuring noise" if cfg.noise_runs > 1 else "baseline", c.number)
                 observe(state)
-                running[slots.submit(train, c, gpu)] = (c, gpu)
+                running[slots.submit(train, c, gpu)] = (c, gpu, None)
             if not running and proposing is None and (why is not None or (enough and not ready)):
                 why = why or f"reached --max-experiments {cfg.max_experiments}"
                 break
@@ -424,18 +441,20 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
                         failed_in_a_row = 0
                         ready.append(c)
                     continue
-                c, gpu = running.pop(future)
+                c, gpu, first = running.pop(future)
                 if c.role != "candidate":
                     free.append(gpu)
                     measured(c, future.result())
+                elif first is not None:                    # the confirming rerun
+                    finish(c, first, again=future.result())
+                    free.append(gpu)
                 elif measuring:
                     deferred.append((c, future.result(), gpu))
                     state.running.pop(c.number, None)
                     if not cfg.confirm:                   # a confirming rerun needs the slot
                         free.append(gpu)
                 else:
-                    finish(c, future.result(), gpu)
-                    free.append(gpu)
+                    settle_trial(c, future.result(), gpu)
             observe(state)
         clean_exit = True
     finally:

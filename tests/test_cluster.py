@@ -9,6 +9,7 @@ cluster, another test run). Teardown checks that no process of that session is l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -280,3 +281,25 @@ def test_existing_cluster_by_gcs_address(head):
                           cwd=REPO, env={**os.environ, **LOOPBACK_ENV})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "capacity 2" in proc.stdout and f"connected to 127.0.0.1:{head['gcs']}" in proc.stdout
+
+
+def test_trial_command_on_the_cluster(head, small_data: Path):
+    """`autoresearch trial --cluster`: one trial as a Ray task, its record on stdout; a trial
+    that asks for a GPU the cluster lacks is refused before anything runs."""
+    address = f"ray://127.0.0.1:{head['client']}"
+    cli = [sys.executable, "-c", "from runner.cli import main; main()", "trial", str(TRAIN_PY),
+           "--cluster", address, "--budget", "2", "--data-dir", str(small_data),
+           "--eval-tokens", "4096", "--memory", "2", "--cpus", "1"]
+    proc = subprocess.run(cli + ["--cluster-gpus", "0", "--json"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, **LOOPBACK_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    try:
+        assert record["status"] == "ok" and record["val_bpb"] < record["score"]["uniform_bpb"]
+        assert record["cluster"]["node_ip"] == "127.0.0.1" and record["cluster"]["gpu"] is None
+    finally:
+        if record.get("image_tag"):
+            docker.from_env().images.remove(record["image_tag"], force=True)
+    refused = subprocess.run(cli + ["--cluster-gpus", "1"], capture_output=True, text=True,
+                             timeout=120, cwd=REPO, env={**os.environ, **LOOPBACK_ENV})
+    assert refused.returncode == 2 and "room for no trial of 1 GPU" in refused.stderr

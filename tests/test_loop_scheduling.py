@@ -1,0 +1,107 @@
+"""The loop's slot scheduling with timed, scripted trials in place of the sandbox (through the
+loop's `trial` hook): what runs when, on which slot, and in what order it is recorded. The
+real trials are in tests/test_loop.py; here the durations and scores must be exact, so that
+the order of events is what is tested."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import git
+import pytest
+
+from conftest import REPO
+from runner.loop import LoopConfig, overnight
+from runner.sandbox import Outcome
+from runner.trial import make_record
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "target").mkdir(parents=True)
+    shutil.copy(REPO / "target" / "train.py", root / "target" / "train.py")
+    shutil.copy(REPO / "program.md", root / "program.md")
+    repo = git.Repo.init(root)
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "test").set_value("user", "email", "test@localhost")
+    repo.index.add(["target/train.py", "program.md"])
+    repo.index.commit("initial")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")     # records hash the data's manifest
+    return root
+
+
+class Scripted:
+    """A trial that sleeps `seconds(spec)` and scores `val_bpb(spec)`; keeps every span."""
+
+    def __init__(self, seconds, val_bpb):
+        self.seconds, self.val_bpb = seconds, val_bpb
+        self.spans: list[tuple[int, int, str | None, float, float]] = []   # number, seed, slot
+        self.lock = threading.Lock()
+
+    def __call__(self, spec, backend, log=lambda _: None, **fields):
+        start = time.time()
+        time.sleep(self.seconds(spec))
+        outcome = Outcome(status="ok", val_bpb=self.val_bpb(spec), phases={"train": 0.1},
+                          summary={"training_seconds": "0.1"})
+        end = time.time()
+        with self.lock:
+            self.spans.append((spec.number, spec.seed, spec.gpu, start, end))
+        return make_record(spec, outcome, backend, start, end - start, **fields)
+
+
+def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, tmp_path: Path):
+    """Candidate 1 is an apparent win; its confirming rerun (seed 1) takes 3 s on the slot it
+    trained on, and meanwhile the other slot trains and records the next candidates."""
+    def seconds(spec):
+        return 3.0 if (spec.number, spec.seed) == (1, 1) else 0.3
+
+    def val_bpb(spec):
+        return {0: 1.0, 1: 0.9}.get(spec.number, 1.1)
+
+    trial = Scripted(seconds, val_bpb)
+    cfg = LoopConfig(tag="sched-confirm", budget=1, max_experiments=5, data_dir=tmp_path / "data",
+                     runs_dir=project / "runs", repo_root=project, gpus=["a", "b"],
+                     confirm=True, trial=trial)
+    ledger = overnight(cfg, log=lambda _: None)
+    by = {r["number"]: r for r in ledger.records}
+    assert sorted(by) == [0, 1, 2, 3, 4]
+    assert by[1]["status"] == "keep" and by[1]["confirm"]["seed"] == 1
+    assert "confirmed by a rerun (seed 1): mean 0.900000" in by[1]["decision"]
+    spans = {(n, seed): (slot, a, b) for n, seed, slot, a, b in trial.spans}
+    first, rerun = spans[(1, 0)], spans[(1, 1)]
+    assert rerun[0] == first[0]                                # the same slot
+    other = [n for (n, seed), (slot, a, b) in spans.items()
+             if n > 1 and slot != first[0] and a < rerun[2] and b > rerun[1]]
+    assert len(other) >= 2                                     # the other slot went on
+    order = [r["number"] for r in ledger.records]
+    assert order.index(1) > order.index(other[0])              # and recorded first
+    assert all(by[n]["status"] == "discard" for n in (2, 3, 4))
+
+
+def test_candidates_wait_for_every_noise_run(project: Path, tmp_path: Path):
+    """With two noise runs on one slot each and a third slot free, a candidate trains at once
+    but is decided only after both measurements, against their spread."""
+    def seconds(spec):
+        return 2.0 if spec.number == 1 else 0.3                 # the noise run is slow
+
+    def val_bpb(spec):
+        return {0: 1.0, 1: 1.02}.get(spec.number, 0.95)
+
+    trial = Scripted(seconds, val_bpb)
+    cfg = LoopConfig(tag="sched-noise", budget=1, max_experiments=4, data_dir=tmp_path / "data",
+                     runs_dir=project / "runs", repo_root=project, gpus=["a", "b", "c"],
+                     noise_runs=2, noise_k=2.0, min_delta=0.0, trial=trial)
+    ledger = overnight(cfg, log=lambda _: None)
+    order = [(r["number"], r["role"]) for r in ledger.records]
+    assert order[0][1] in ("baseline", "noise") and order[1][1] in ("baseline", "noise")
+    spans = {n: (a, b) for n, seed, slot, a, b in trial.spans}
+    assert spans[2][0] < spans[1][0] + 1.0                     # started beside the noise run
+    assert spans[2][1] < spans[1][1]                           # and finished before it...
+    spread = 0.02 / 2 ** 0.5                                   # stdev of 1.0 and 1.02
+    for r in ledger.records[2:]:
+        assert f"spread {spread:.6f}" in r["decision"]         # ...but was decided after
