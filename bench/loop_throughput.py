@@ -335,8 +335,7 @@ def print_duty(args, res: dict[str, Any]) -> None:
     waited = [g for g in gaps if g["waited_for_proposal"]]
     print()
     print(f"gaps where the slot waited for a proposal: {len(waited)} of {len(gaps)} "
-          f"(after experiments {[g['after'] for g in waited]}; the first follows the baseline, "
-          "before which nothing is proposed)")
+          f"(after experiments {[g['after'] for g in waited]})")
     c = res["windows"]["candidates"]
     print(f"records' started_at + wall_seconds give windows of {fmt(c['window_records'])} s "
           f"(candidates) and {fmt(res['windows']['with baseline']['window_records'])} s (with "
