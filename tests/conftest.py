@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PREPARE_PY = REPO / "prepare" / "prepare.py"
 sys.path.insert(0, str(REPO / "prepare"))
+
+# A suite started in the background of a non-interactive shell (`bash .ci/run &`) inherits
+# SIGINT ignored, and so would every process it starts (runners, Ray workers): the Ctrl-C and
+# cancel tests need it delivered. A handled signal is reset to the default in a child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from "
          "at which but have an they you were her she there been one all we their has would when "
