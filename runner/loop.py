@@ -409,7 +409,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
         while True:
             with lock:
                 why = why or halt_reason()
-                planned = len(ledger.records) + len(running) + len(ready) + (1 if proposing else 0)
+                planned = (len(ledger.records) + len(running) + len(ready) + len(deferred)
+                           + (1 if proposing else 0))
             enough = cfg.max_experiments is not None and planned >= cfg.max_experiments
             if why is None and not enough and proposing is None and len(ready) < len(cfg.gpus):
                 proposing = agent.submit(make_candidate)

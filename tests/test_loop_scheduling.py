@@ -5,34 +5,23 @@ the order of events is what is tested."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
 
-import git
 import pytest
 
-from conftest import REPO
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Outcome
 from runner.trial import make_record
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    (root / "target").mkdir(parents=True)
-    shutil.copy(REPO / "target" / "train.py", root / "target" / "train.py")
-    shutil.copy(REPO / "program.md", root / "program.md")
-    repo = git.Repo.init(root)
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "test").set_value("user", "email", "test@localhost")
-    repo.index.add(["target/train.py", "program.md"])
-    repo.index.commit("initial")
+def data(tmp_path: Path) -> Path:
+    """No data set: the scripted trials read none, but records hash the manifest."""
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text("{}")     # records hash the data's manifest
-    return root
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    return tmp_path / "data"
 
 
 class Scripted:
@@ -54,7 +43,7 @@ class Scripted:
         return make_record(spec, outcome, backend, start, end - start, **fields)
 
 
-def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, tmp_path: Path):
+def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, data: Path):
     """Candidate 1 is an apparent win; its confirming rerun (seed 1) takes 3 s on the slot it
     trained on, and meanwhile the other slot trains and records the next candidates."""
     def seconds(spec):
@@ -64,7 +53,7 @@ def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, t
         return {0: 1.0, 1: 0.9}.get(spec.number, 1.1)
 
     trial = Scripted(seconds, val_bpb)
-    cfg = LoopConfig(tag="sched-confirm", budget=1, max_experiments=5, data_dir=tmp_path / "data",
+    cfg = LoopConfig(tag="sched-confirm", budget=1, max_experiments=5, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b"],
                      confirm=True, trial=trial)
     ledger = overnight(cfg, log=lambda _: None)
@@ -83,7 +72,7 @@ def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, t
     assert all(by[n]["status"] == "discard" for n in (2, 3, 4))
 
 
-def test_candidates_wait_for_every_noise_run(project: Path, tmp_path: Path):
+def test_candidates_wait_for_every_noise_run(project: Path, data: Path):
     """With two noise runs on one slot each and a third slot free, a candidate trains at once
     but is decided only after both measurements, against their spread."""
     def seconds(spec):
@@ -93,10 +82,11 @@ def test_candidates_wait_for_every_noise_run(project: Path, tmp_path: Path):
         return {0: 1.0, 1: 1.02}.get(spec.number, 0.95)
 
     trial = Scripted(seconds, val_bpb)
-    cfg = LoopConfig(tag="sched-noise", budget=1, max_experiments=4, data_dir=tmp_path / "data",
+    cfg = LoopConfig(tag="sched-noise", budget=1, max_experiments=4, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b", "c"],
                      noise_runs=2, noise_k=2.0, min_delta=0.0, trial=trial)
     ledger = overnight(cfg, log=lambda _: None)
+    assert [r["number"] for r in ledger.records if r["role"] == "candidate"] == [2, 3]  # no more
     order = [(r["number"], r["role"]) for r in ledger.records]
     assert order[0][1] in ("baseline", "noise") and order[1][1] in ("baseline", "noise")
     spans = {n: (a, b) for n, seed, slot, a, b in trial.spans}
