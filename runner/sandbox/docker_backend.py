@@ -105,6 +105,21 @@ def ro(source: Path, target: str) -> Mount:
     return Mount(target=target, source=str(Path(source).resolve()), type="bind", read_only=True)
 
 
+def has_model(holder, attempts: int = 3) -> bool:
+    """Is there a model in the output? Asked of the holder (`test` runs in its read-only view,
+    nothing executes from the volume); a symlink or FIFO is not a model. `test` answers 0 or
+    1; anything else is the exec failing (runc can, under load), which is retried, then raised:
+    an infrastructure fault must not become the candidate's "invalid"."""
+    for attempt in range(attempts):
+        check = holder.exec_run(["test", "-f", "/out/model.pt2", "-a", "!", "-L", "/out/model.pt2"],
+                                user=UID)
+        if check.exit_code in (0, 1):
+            return check.exit_code == 0
+        time.sleep(0.5 * (attempt + 1))
+    raise InfrastructureError(f"could not look into the output volume (exec exit {check.exit_code}: "
+                              f"{check.output[-300:].decode('utf-8', 'replace').strip()})")
+
+
 def remove_orphans(cli: docker.DockerClient | None = None, log: Log | None = None) -> int:
     """Remove containers and volumes left by runners that are gone (same host, dead pid)."""
     cli = cli or images.client()
@@ -308,12 +323,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         outcome.log_tail = escape_log(log_text, lim.log_bytes)
         outcome.peak_memory_bytes = mem.get("peak")
 
-        # Is there a model? Ask the holder (ls runs in its read-only view, nothing executes
-        # from the volume); a symlink or FIFO is not a model.
-        check = holder.exec_run(["test", "-f", "/out/model.pt2", "-a", "!", "-L", "/out/model.pt2"],
-                                user=UID)
         status, reason = classify_exit(exit_code, oom_killed, timed_out, log_text,
-                                       check.exit_code == 0)
+                                       has_model(holder))
         outcome.status, outcome.reason = status, reason
         if status != "ok":
             return outcome
