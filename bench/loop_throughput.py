@@ -66,7 +66,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -80,10 +79,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))          # llm_server.py: the scripted LLM server
+sys.path.insert(0, str(REPO / "tests"))          # llm_server.py, projects.py
 
 from runner.loop import LoopConfig, overnight  # noqa: E402
 from runner.trial import default_limits, run_trial  # noqa: E402
+from projects import make_project  # noqa: E402
 
 SESSION = f"loopbench{uuid.uuid4().hex[:6]}"
 
@@ -125,20 +125,6 @@ def small_data(root: Path) -> Path:
     return out
 
 
-def make_project(root: Path) -> Path:
-    """A git repository holding the project's train.py and program.md, committed."""
-    import git
-    (root / "target").mkdir(parents=True)
-    shutil.copy(REPO / "target" / "train.py", root / "target" / "train.py")
-    shutil.copy(REPO / "program.md", root / "program.md")
-    repo = git.Repo.init(root)
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "bench").set_value("user", "email", "bench@localhost")
-    repo.index.add(["target/train.py", "program.md"])
-    repo.index.commit("initial")
-    return root
-
-
 class Timed:
     """The loop's `trial` hook: run_trial, with the wall-clock start and end of every call and
     the GPU it ran on (None: a CPU slot)."""
@@ -167,7 +153,7 @@ def run_loop(args, tmp: Path, data: Path, name: str, agent: str, trials: int | N
     and GPUs of its trials (Timed), its wall time and start, and why it stopped."""
     if trials is None and not seconds:
         raise ValueError("run_loop needs a number of trials or seconds")
-    project = make_project(tmp / name)
+    project = make_project(tmp / name, user="bench")
     timed = Timed()
     limits = default_limits(gpus[0], slots=limit_slots or len(gpus))
     stops = [f"{trials} trials + baseline"] if trials is not None else []

@@ -61,6 +61,13 @@ def tree_state(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git repository holding the project's train.py and program.md, committed."""
+    from projects import make_project
+    return make_project(tmp_path / "project")
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """A prepared data set from generated text: vocab 512, a few thousand validation tokens."""

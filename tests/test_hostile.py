@@ -133,6 +133,15 @@ def trial(tmp_path: Path, data: Path, number: int, source: str, **limits) -> dic
     return record
 
 
+def probe_log(record: dict) -> str:
+    """The output of a probe candidate, which must have run to its end ("DONE") and, exporting
+    no model, been recorded invalid and unscored."""
+    log = record["log_tail"]
+    assert "DONE" in log, log
+    assert record["status"] == "invalid" and record["val_bpb"] is None
+    return log
+
+
 def attempts(log: str, tag: str) -> dict[str, str]:
     """`TAG name: RESULT` lines of a candidate's output."""
     return dict(re.findall(rf"^{tag} (\S+): (.*)$", log, re.M))
@@ -238,9 +247,7 @@ print("DONE", flush=True)
 
 def test_writes_outside_the_output_all_fail(tmp_path, small_data):
     rec = trial(tmp_path, small_data, 1, WRITES)
-    log = rec["log_tail"]
-    assert "DONE" in log, log
-    assert rec["status"] == "invalid" and rec["val_bpb"] is None
+    log = probe_log(rec)
     names = re.search(r"^MUST_FAIL (.*)$", log, re.M).group(1).split()
     results = attempts(log, "ATTEMPT")
     assert any(n.startswith("site_pth_") for n in names), log
@@ -428,9 +435,7 @@ def test_network_is_unreachable(tmp_path, small_data, cli):
         stop.set()
         thread.join(timeout=5)
         server.close()
-    log = rec["log_tail"]
-    assert "DONE" in log, log
-    assert rec["status"] == "invalid" and rec["val_bpb"] is None
+    log = probe_log(rec)
     results = attempts(log, "NET")
     for name in ("loopback", "gateway", "gateway_udp", "dns", "docker_sock", "docker_sock_run"):
         assert results.get(name, "").startswith("FAILED"), f"{name}: {results.get(name)}\n{log}"
@@ -826,9 +831,7 @@ print("DONE", flush=True)
 
 def test_privilege_escalation_fails(tmp_path, small_data):
     rec = trial(tmp_path, small_data, 12, ESCALATE)
-    log = rec["log_tail"]
-    assert "DONE" in log, log
-    assert rec["status"] == "invalid" and rec["val_bpb"] is None
+    log = probe_log(rec)
     status = dict(re.findall(r"^STATUS (\w+)=(\S*)$", log, re.M))
     assert status["Uid"] == str(UID) and status["Gid"] == str(UID), status
     assert status["CapEff"] == "0000000000000000" and status["CapPrm"] == "0000000000000000"

@@ -32,21 +32,6 @@ SESSION = f"looptest{uuid.uuid4().hex[:6]}"     # unique: suites may share one e
 LIMITS = small_limits()
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A git repository holding the project's train.py and program.md, committed."""
-    root = tmp_path / "project"
-    (root / "target").mkdir(parents=True)
-    shutil.copy(REPO / "target" / "train.py", root / "target" / "train.py")
-    shutil.copy(REPO / "program.md", root / "program.md")
-    repo = git.Repo.init(root)
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "test").set_value("user", "email", "test@localhost")
-    repo.index.add(["target/train.py", "program.md"])
-    repo.index.commit("initial")
-    return root
-
-
 def config(project: Path, data: Path, tag: str, **kw) -> LoopConfig:
     return LoopConfig(tag=tag, budget=2, data_dir=data, runs_dir=project / "runs",
                       repo_root=project, limits=LIMITS, eval_tokens=4096, **kw)
