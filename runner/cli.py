@@ -163,17 +163,26 @@ def run_streaming(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
-def cluster_trial(address: str, num_gpus: float, spec, backend: str, say) -> dict:
-    """One trial as a Ray task on the cluster at `address`; its record, as run_trial's."""
-    from runner.cluster import ClusterError, ClusterTrials, capacity, connect, disconnect
+def join_cluster(address: str, num_gpus: float, say) -> int:
+    """Connect to the Ray cluster at `address`; how many trials of `num_gpus` GPUs (and one
+    CPU) it can hold at once. A usage error when that is none."""
+    from runner.cluster import ClusterError, capacity, connect
     try:
         connect(address, log=say)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from exc
+    fits = capacity(num_gpus, 1)
+    if fits == 0:
+        raise click.UsageError(f"the cluster at {address} has room for no trial of "
+                               f"{num_gpus:g} GPU(s); no GPUs? use --cluster-gpus 0")
+    return fits
+
+
+def cluster_trial(address: str, num_gpus: float, spec, backend: str, say) -> dict:
+    """One trial as a Ray task on the cluster at `address`; its record, as run_trial's."""
+    from runner.cluster import ClusterError, ClusterTrials, disconnect
     try:
-        if capacity(num_gpus, 1) == 0:
-            raise click.UsageError(f"the cluster at {address} has room for no trial of "
-                                   f"{num_gpus:g} GPU(s); no GPUs? use --cluster-gpus 0")
+        join_cluster(address, num_gpus, say)
         trials = ClusterTrials(num_gpus=num_gpus, num_cpus=1)
         try:
             return trials(spec, backend, log=say)
@@ -363,16 +372,8 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         raise click.UsageError("--cluster and --gpus do not mix: Ray picks each trial's GPU")
     trial_fn = None
     if cluster:
-        from runner.cluster import ClusterError, ClusterTrials, capacity, connect
-        try:
-            connect(cluster, log=say)
-        except ClusterError as exc:
-            raise click.ClickException(str(exc)) from exc
-        fits = capacity(cluster_gpus, 1)
-        if fits == 0:
-            raise click.UsageError(f"the cluster at {cluster} has room for no trial of "
-                                   f"{cluster_gpus:g} GPU(s); no GPUs? use --cluster-gpus 0")
-        slots = slots or fits
+        from runner.cluster import ClusterTrials
+        slots = slots or join_cluster(cluster, cluster_gpus, say)
         trial_fn = ClusterTrials(num_gpus=cluster_gpus, num_cpus=1)
     slot_gpus: list[str | None] = [None] * (slots or 1)
     if gpus:
