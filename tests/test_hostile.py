@@ -557,16 +557,113 @@ print("val_bpb: 0.001")
 '''
 
 
-def test_archive_with_pickled_payload_is_refused(tmp_path, small_data):
+def test_archive_with_pickled_payload_never_runs_it(tmp_path, small_data):
+    """The sample inputs are the candidate's only pickle that torch.export.load would unpickle
+    in a plain torch.export archive. The scorer never reads them (it loads sample inputs it made
+    itself), so the payload never runs and the program gets its true score."""
     rec = trial(tmp_path, small_data, 6, PICKLED, startup_s=EXPORT_STARTUP_S)
     log = rec["log_tail"]
     assert re.search(r"^REWROTE [1-9]", log, re.M), log
     assert "CONTROL payload ran: True" in log, log              # the threat is real
     assert '{"status": "ok", "val_bpb": 0.001' in log          # its fake line was printed
-    assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
-    assert rec["score"]["status"] == "invalid" and rec["score"].get("val_bpb") is None
-    assert "weights_only" in rec["reason"], rec["reason"]     # refused before any unpickling
+    assert rec["status"] == "ok", rec
+    assert rec["val_bpb"] >= 0.95 * rec["score"]["uniform_bpb"]   # untrained: its true score
     assert "HOSTILE-PAYLOAD-RAN" not in json.dumps(rec["score"]) + rec["reason"]
+
+
+# ------------------------------------------------------------------------------------------
+# 6b. Crafted archives and models that try to fool the scorer (tests/attack_models.py)
+# ------------------------------------------------------------------------------------------
+
+ATTACK_MODELS = (Path(__file__).parent / "attack_models.py").read_text()
+
+ATTACK = ATTACK_MODELS + r'''
+import os, prepare
+V = prepare.load_meta()["vocab_size"]
+OUT = os.environ.get("AUTORESEARCH_OUT", "/out")
+KIND, ROWS = __KIND__, __ROWS__
+if KIND == "uniform":
+    class Uniform(torch.nn.Module):
+        def forward(self, idx):
+            return torch.zeros(idx.shape[0], idx.shape[1], V)
+    model = Uniform()
+else:
+    model = build(KIND, V, rows=ROWS)
+export(model, os.path.join(OUT, "model.pt2"))
+print("EXPORTED", KIND, flush=True)
+'''
+
+# A file that holds two archives: a clean one that any reader finds, and before it an evil one
+# whose weights are "pickled" (a payload that prints a forged result and a marker), or the
+# clean one alone with bytes before it, or a sparse file past the size limit.
+CRAFTED_FILE = EXPORT + r'''
+import json, pickle, zipfile
+KIND = __KIND__
+FAKE = '{"status": "ok", "val_bpb": 0.001, "reason": "", "uniform_bpb": 9.0}'
+CMD = f"echo '{FAKE}'; echo HOSTILE-PAYLOAD-RAN >&2; true"
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (CMD,))
+
+clean = open(export(Table(), "/tmp/clean.pt2"), "rb").read()
+path = os.path.join(OUT, "model.pt2")
+if KIND == "polyglot":
+    with zipfile.ZipFile("/tmp/clean.pt2") as zin, zipfile.ZipFile("/tmp/evil.pt2", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("_config.json"):
+                cfg = json.loads(data)
+                for meta in cfg["config"].values():
+                    meta["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            elif "/data/weights/weight_" in info.filename:
+                data = pickle.dumps(Payload())
+            zout.writestr(info.filename, data)
+    open(path, "wb").write(open("/tmp/evil.pt2", "rb").read() + clean)
+elif KIND == "leading-bytes":
+    open(path, "wb").write(b"\0" * 4096 + clean)
+elif KIND == "sparse":
+    with open(path, "wb") as f:
+        f.truncate(2**32 + 4096)                  # past the limit, no block written
+print("WROTE", KIND, os.path.getsize(path), flush=True)
+'''
+
+ARCHIVE_ATTACKS = {"polyglot": "does not end where", "leading-bytes": "does not end where",
+                   "sparse": "more than the limit"}
+MODEL_ATTACKS = ["peek-all-but-one", "late-nudge", "peek-random-90", "batch-gated",
+                 "param-counter", "constant-counter"]
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHIVE_ATTACKS))
+def test_crafted_model_files_are_invalid_and_their_payload_never_runs(kind, tmp_path, small_data):
+    rec = trial(tmp_path, small_data, 60 + sorted(ARCHIVE_ATTACKS).index(kind),
+                render(CRAFTED_FILE, KIND=kind), startup_s=EXPORT_STARTUP_S)
+    assert f"WROTE {kind}" in rec["log_tail"], rec["log_tail"]
+    assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
+    assert ARCHIVE_ATTACKS[kind] in rec["reason"], rec["reason"]
+    assert "HOSTILE-PAYLOAD-RAN" not in json.dumps(rec)
+    assert set(rec["score"]) <= {"status", "reason", "val_bpb", "uniform_bpb", "tokens", "bytes",
+                                 "seconds", "load_seconds", "check_seconds", "causal_checks",
+                                 "device"}
+
+
+@pytest.mark.parametrize("kind", MODEL_ATTACKS + ["uniform"])
+def test_models_that_look_ahead_or_keep_state_are_invalid(kind, tmp_path, small_data):
+    """Through the whole docker trial: each cheat is `invalid` with its reason; the honest
+    uniform model next to them scores exactly log2(V) bits per token."""
+    import attack_models
+    rows = EVAL_TOKENS // 1024                       # the scorer's batch at this evaluation
+    rec = trial(tmp_path, small_data, 70 + (MODEL_ATTACKS + ["uniform"]).index(kind),
+                render(ATTACK, KIND=kind, ROWS=rows), startup_s=EXPORT_STARTUP_S)
+    assert f"EXPORTED {kind}" in rec["log_tail"], rec["log_tail"]
+    if kind == "uniform":
+        assert rec["status"] == "ok", rec
+        assert rec["val_bpb"] == pytest.approx(rec["score"]["uniform_bpb"], rel=1e-6)
+        assert rec["score"]["causal_checks"] >= 256
+        return
+    assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
+    assert attack_models.ATTACKS[kind] in rec["reason"], rec["reason"]
 
 
 # ------------------------------------------------------------------------------------------
