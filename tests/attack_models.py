@@ -160,8 +160,8 @@ ATTACKS = {                        # kind -> words the `invalid` reason must hol
     "peek-random-5": "not causal",
     "late-nudge": "not causal",
     "batch-gated": "not causal",
-    "param-counter": "PARAMETER_MUTATION",
-    "buffer-counter": "BUFFER_MUTATION",
+    "param-counter": "mutates state",
+    "buffer-counter": "mutates state",
     "constant-counter": "mutate",          # torch's own loader refuses this one
     "random-gate": "random op",
     "attention-dropout": "random op",
