@@ -989,17 +989,25 @@ def unpickling_refused():
 
 
 def rebuild_archive(members: dict[str, bytes]) -> io.BytesIO:
-    """A fresh archive, written by torch's own writer, holding the checked members and sample
-    inputs made here."""
+    """A fresh archive holding the checked members, sample inputs made here, and the format
+    records (version, byte order, ...) exactly as this torch's own writer makes them. Written
+    with zipfile into memory: torch's writer is several times slower at this (seconds for a
+    200 MB model), and torch reads any stored zip."""
     import torch
     from torch._export.serde.serialize import serialize_torch_artifact
     from torch.export.pt2_archive._package import PT2ArchiveWriter
+    formats = io.BytesIO()
+    with PT2ArchiveWriter(formats) as writer:                    # a few bytes: the records
+        writer.write_bytes("models/.empty", b"")                 # torch adds to every archive
+    with zipfile.ZipFile(formats) as z:
+        fixed = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()
+                 if not n.endswith("models/.empty")}
+    sample = ((torch.zeros(1, 2, dtype=torch.long),), {})
     buf = io.BytesIO()
-    with PT2ArchiveWriter(buf) as writer:
-        for name, data in members.items():
-            writer.write_bytes(name, data)
-        sample = ((torch.zeros(1, 2, dtype=torch.long),), {})
-        writer.write_bytes("data/sample_inputs/model.pt", serialize_torch_artifact(sample))
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, data in {**members, "data/sample_inputs/model.pt": serialize_torch_artifact(sample),
+                           **fixed}.items():
+            z.writestr(f"archive/{name}", data)
     buf.seek(0)
     return buf
 
@@ -1053,15 +1061,21 @@ def check_program(ep) -> None:
 
 
 def no_dropout(node, op) -> bool:
-    """True for attention (tagged random because of its dropout) called with dropout_p 0."""
-    if "scaled_dot_product" not in op._schema.name:
-        return False
+    """True for the ops tagged random only for their dropout, called with it off: dropout in
+    eval mode (train=False) and attention with dropout_p 0."""
     names = [a.name for a in op._schema.arguments]
-    if "dropout_p" not in names:
-        return False
-    i = names.index("dropout_p")
-    p = node.kwargs.get("dropout_p", node.args[i] if len(node.args) > i else 0.0)
-    return isinstance(p, (int, float)) and p == 0
+
+    def arg(name: str, default: Any) -> Any:
+        i = names.index(name)
+        return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+
+    base = op._schema.name.split("::")[-1]
+    if base in ("dropout", "native_dropout") and "train" in names:
+        return arg("train", True) is False
+    if "scaled_dot_product" in base and "dropout_p" in names:
+        p = arg("dropout_p", 0.0)
+        return isinstance(p, (int, float)) and p == 0
+    return False
 
 
 def load_program(path: Path, device: str):
@@ -1094,23 +1108,24 @@ def load_program(path: Path, device: str):
 # Scoring, part 3: bits per byte from the logits, causality checked on the scored calls
 # ------------------------------------------------------------------------------------------
 # The model is a pure function of its input (part 2), so all it can know about a call is the
-# tokens in it. Each scored batch is run a second time (more often when the evaluation is
-# small) with every row spliced at a random cut point c: tokens from c on are replaced by the
-# real text of another row of the same batch (never random tokens, which a model could
-# recognise), and the logits before c must equal those of the scored run. A model whose logit
-# at position p depends on a later token is caught whenever a cut falls just after p; the cut
-# cannot be known when the scored run is made, so a model that looks ahead at a share f of
-# positions escapes all n cuts with probability at most about (1 - f)^n. With the default
-# EVAL_TOKENS (4096 rows, so n >= 4096 cuts), f = 1% escapes with probability ~1e-18 and
-# f = 0.1% with ~2%, at the cost of one more forward pass over the validation tokens (the
-# score costs 2x an honest forward). Fewer windows are checked with at least MIN_CAUSAL_CUTS
-# cuts (more passes per batch: with 256, f = 1% escapes with ~8%, f = 5% with ~2e-6; small
-# evaluations are for tests and CPU runs).
+# tokens in it. Scored batches are run a second time with every row spliced at a random cut c:
+# tokens from c on are replaced by the real text of another row of the same batch (never
+# random tokens, which a model could recognise), and the logits before c must equal those of
+# the scored run. A model whose logit at position p depends on a later token is caught whenever
+# a cut falls just after p. Neither the cut nor which batches get spliced can be known when the
+# scored run is made, so a model that looks ahead at a share f of all scored positions escapes
+# n cuts with probability at most about (1 - f)^n, however it spreads its look-aheads over
+# rows, batches and positions. n = max(MIN_CAUSAL_CUTS, min(rows scored, CAUSAL_CUTS)):
+# every row once for evaluations up to CAUSAL_CUTS rows, a random half of the batches at the
+# default EVAL_TOKENS (4096 rows, n = 2048: f = 1% escapes with ~1e-9, f = 0.5% with ~3e-5,
+# for half a forward pass more; measured in bench/RESULTS.md), and several passes per batch
+# for tiny evaluations (tests, CPU runs: n = 256, f = 5% escapes with ~2e-6, f = 1% with ~8%).
 # The first batch is also run twice unchanged: the logits must be identical. A model that
 # looks ahead at very few positions can get through, but it gains at most on those positions.
 
 SCORE_MATMUL_PRECISION = "high"    # float32 matmuls on a GPU: TF32 ("highest": full float32)
-MIN_CAUSAL_CUTS     = 256          # cuts checked at least, however few windows are scored
+MIN_CAUSAL_CUTS     = 256          # rows spliced at least, however few windows are scored
+CAUSAL_CUTS         = 2048         # rows spliced at most (unless MIN_CAUSAL_CUTS needs more)
 SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading the archive ...
 SCORE_MIN_TOKENS_PER_S = {"cuda": 20_000, "cpu": 2_000}   # ... plus forward tokens at this rate
 
@@ -1144,15 +1159,21 @@ def eval_windows(val: np.ndarray) -> tuple[int, int]:
     return (windows // batch) * batch, batch
 
 
-def causal_passes(windows: int) -> int:
-    """Spliced runs per scored batch: one, or more so that at least MIN_CAUSAL_CUTS are cut."""
-    return max(1, -(-MIN_CAUSAL_CUTS // max(1, windows)))
+def causal_plan(windows: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Spliced runs of each scored batch: n cuts (see above) spread over random batches, each
+    batch once before any batch twice."""
+    per_batch = windows // batch
+    runs = -(-max(MIN_CAUSAL_CUTS, min(windows, CAUSAL_CUTS)) // batch)
+    plan = np.full(per_batch, runs // per_batch, dtype=np.int64)
+    plan[rng.choice(per_batch, size=runs % per_batch, replace=False)] += 1
+    return plan
 
 
 def score_time_limit(windows: int, device: str) -> float:
     """Seconds the scorer may take: a fixed allowance for the archive plus every forward token
     (scored, spliced, repeated) at a rate far below what an honest model reaches."""
-    forward_tokens = windows * SEQ_LEN * (1 + causal_passes(windows)) + SCORE_BATCH * SEQ_LEN
+    spliced = max(MIN_CAUSAL_CUTS, min(windows, CAUSAL_CUTS)) + SCORE_BATCH
+    forward_tokens = (windows + spliced + SCORE_BATCH) * SEQ_LEN
     rate = SCORE_MIN_TOKENS_PER_S["cuda" if device.startswith("cuda") else "cpu"]
     return SCORE_BASE_SECONDS + forward_tokens / rate
 
@@ -1205,7 +1226,7 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         # (rows never mix, so the causality check still compares identical computations).
         torch.set_float32_matmul_precision(SCORE_MATMUL_PRECISION)
     rng = np.random.default_rng(secrets.randbits(128))   # cuts the model cannot predict
-    passes = causal_passes(windows)
+    plan = causal_plan(windows, batch, rng)
 
     # Rows of one batch are far apart in the text (window k, k + n/B, ...), so nothing a model
     # could take from another row of its batch helps it predict its own row.
@@ -1221,7 +1242,7 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         x, y = rows[:, :-1], rows[:, 1:]
         logits = run_model(model, x, vocab_size)
         tc = time.time()
-        for _ in range(passes):
+        for _ in range(plan[k]):
             spliced, cuts = splice(x, rng)
             diff = check_prefixes(logits, run_model(model, spliced, vocab_size), cuts)
             if diff > CAUSAL_TOL:

@@ -129,6 +129,19 @@ class AttentionDropout(torch.nn.Module):
         return torch.zeros(idx.shape[0], idx.shape[1], self.V) + h.sum(-1).squeeze(1)[..., None]
 
 
+class Dropout(torch.nn.Module):
+    """Uniform logits through dropout: random when `train` (honest and deterministic when not,
+    as in train.py's exports on a GPU)."""
+
+    def __init__(self, V: int, train: bool):
+        super().__init__()
+        self.V, self.train_ = V, train
+
+    def forward(self, idx):
+        h = torch.ones(idx.shape[0], idx.shape[1], self.V)
+        return torch.nn.functional.dropout(h, 0.2, self.train_) * 0
+
+
 class Slow(torch.nn.Module):
     """Honest but slow: a forward that burns time on large matrix products."""
 
@@ -151,7 +164,8 @@ def build(kind: str, V: int, rows: int = 16) -> torch.nn.Module:
     return {"late-nudge": lambda: LateNudge(V), "batch-gated": lambda: BatchGated(V, rows),
             "param-counter": lambda: ParamCounter(V), "buffer-counter": lambda: BufferCounter(V),
             "constant-counter": lambda: ConstantCounter(V), "random-gate": lambda: RandomGate(V),
-            "attention-dropout": lambda: AttentionDropout(V)}[kind]()
+            "attention-dropout": lambda: AttentionDropout(V),
+            "dropout-on": lambda: Dropout(V, True)}[kind]()
 
 
 ATTACKS = {                        # kind -> words the `invalid` reason must hold
@@ -165,6 +179,7 @@ ATTACKS = {                        # kind -> words the `invalid` reason must hol
     "constant-counter": "mutate",          # torch's own loader refuses this one
     "random-gate": "random op",
     "attention-dropout": "random op",
+    "dropout-on": "random op",
 }
 
 

@@ -459,6 +459,16 @@ def test_attacks_would_have_won_without_the_checks(small_data, tmp_path):
         assert nats.item() / math.log(2) < uniform - 0.05, kind      # bits per token
 
 
+def test_splice_plan_spreads_cuts_over_batches():
+    rng = np.random.default_rng(1)
+    big = P.causal_plan(4096, 16, rng)                 # default evaluation: half the batches
+    assert len(big) == 256 and big.sum() * 16 == P.CAUSAL_CUTS and set(big) == {0, 1}
+    mid = P.causal_plan(144, 16, rng)                 # every row, and at least 256 cuts
+    assert mid.sum() * 16 == P.MIN_CAUSAL_CUTS and set(mid) == {1, 2}
+    assert P.causal_plan(4, 4, rng).tolist() == [P.MIN_CAUSAL_CUTS // 4]   # tiny: many passes
+    assert P.causal_plan(2048, 16, rng).tolist() == [1] * 128   # every row once
+
+
 def test_cuts_cover_every_position_and_splice_real_text():
     rng = np.random.default_rng(0)
     x = torch.arange(4 * 64).reshape(4, 64)
@@ -473,6 +483,14 @@ def test_cuts_cover_every_position_and_splice_real_text():
             assert donor, "the replaced suffix is another row's real text"
             seen.add(int(c))
     assert seen == set(range(1, 64))
+
+
+def test_dropout_switched_off_is_honest(small_data, tmp_path):
+    """train.py's GPU exports hold dropout with train=False: deterministic, so accepted."""
+    V = vocab(small_data)
+    result = score_cli(Path(A.export(A.Dropout(V, False), str(tmp_path / "m.pt2"))), small_data)
+    assert result["status"] == "ok", result
+    assert result["val_bpb"] == pytest.approx(result["uniform_bpb"], rel=1e-6)
 
 
 def test_honest_model_reports_its_checks(small_data, tmp_path):
@@ -517,12 +535,12 @@ def synthetic_data(folder: Path, V: int = 16) -> Path:
 
 
 def test_a_one_percent_peek_is_caught_at_the_default_evaluation(tmp_path, monkeypatch):
-    """At the default EVAL_TOKENS every one of the 4096 scored rows gets a cut, so a model
-    that looks ahead at 1% of positions escapes with probability ~(0.99)^4096 ~ 1e-18."""
+    """At the default EVAL_TOKENS, CAUSAL_CUTS (2048) of the 4096 scored rows get a cut, so a
+    model that looks ahead at 1% of positions escapes with probability ~(0.99)^2048 ~ 1e-9."""
     monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")
     data = synthetic_data(tmp_path / "data")
     honest = P.score(export(Constant(16), tmp_path / "honest.pt2"), data, "cpu")
-    assert honest["status"] == "ok" and honest["causal_checks"] >= 4000, honest
+    assert honest["status"] == "ok" and honest["causal_checks"] >= 0.99 * P.CAUSAL_CUTS, honest
     cheat = Path(A.export(A.build("peek-random-1", 16), str(tmp_path / "cheat.pt2")))
     with pytest.raises(P.Invalid, match="not causal"):
         P.score(cheat, data, "cpu")
