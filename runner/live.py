@@ -47,7 +47,7 @@ def render(cfg: LoopConfig, state: LoopState) -> Group:
         (f"run {cfg.tag}", "bold"), f"   experiment #{state.number}   ",
         (state.phase, "cyan"), f" {fmt_seconds(elapsed)}{expected}   best val_bpb ",
         (best, "bold green"), bar, f"\n{time_left(cfg, state, mean_wall)}   training: {running}"
-        f" on {len(cfg.gpus)} slot(s)   agent {cfg.agent}   backend {cfg.backend}")
+        f" on {len(cfg.gpus)} slot(s)   agent {cfg.agent}   backend {cfg.executor.backend}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "status", "val_bpb", "delta", "description"):
         table.add_column(col, justify="right" if col in ("#", "val_bpb", "delta") else "left")

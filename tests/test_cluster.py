@@ -214,12 +214,12 @@ def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_d
     """The loop's way: a slot thread blocks in a ClusterTrials call; Ctrl-C cancels them all."""
     slow = tmp_path / "train.py"
     slow.write_text(SLOW_TRAIN)
-    trials = cluster.ClusterTrials(num_gpus=0, num_cpus=1)
+    trials = cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1)
     outcome: dict = {}
 
     def slot():
         try:
-            outcome["record"] = trials(replace(spec_for(small_data, 5), train_py=slow), "docker")
+            outcome["record"] = trials.run(replace(spec_for(small_data, 5), train_py=slow))
         except BaseException as exc:  # noqa: BLE001
             outcome["error"] = exc
 
@@ -231,7 +231,7 @@ def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_d
     while not cli.containers.list(filters=training) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert cli.containers.list(filters=training), "the slow trial never started training"
-    assert trials.cancel_all() == 1
+    assert trials.abort(RUN) == 1
     thread.join(60)
     assert isinstance(outcome.get("error"), cluster.ClusterError), outcome
     assert "cancelled" in str(outcome["error"])
@@ -249,7 +249,7 @@ def test_infrastructure_error_comes_back_as_itself(client, tmp_path: Path):
     assert isinstance(error, InfrastructureError), error
     assert "autoresearch prepare" in str(error) and str(tmp_path / "nothing") in str(error)
     with pytest.raises(InfrastructureError, match="autoresearch prepare"):   # the loop's way
-        cluster.ClusterTrials(num_gpus=0, num_cpus=1)(spec_for(tmp_path / "nothing", 4))
+        cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1).run(spec_for(tmp_path / "nothing", 4))
 
 
 @pytest.mark.parametrize("scheme", ["ray://", ""])

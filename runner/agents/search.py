@@ -61,9 +61,12 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from runner.agents import History, Proposal
+from runner.record import BROKE
 
 DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|UNTIMED|VERBOSE|LOG_EVERY"
-FAILED = ("crash", "timeout", "oom")
+# A move that broke training bounds its direction; an `invalid` one (a rejected proposal, a
+# model the scorer refused) says nothing about the value.
+FAILED = BROKE
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _DESC = re.compile(r"^\s*search:\s+(?P<name>[A-Z][A-Z0-9_]*(?:\[\d+\])?)\s+(?P<old>\S+)\s+->\s+"
                    r"(?P<new>[^\s,;]+)")
