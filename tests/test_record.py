@@ -75,7 +75,9 @@ def test_find_by_id_or_image_tag(tmp_path: Path):
 
 def test_statuses_have_one_home():
     from runner.agents import search
+    from runner.report import FAILED
 
+    assert FAILED is record.FAILED
     assert set(record.BROKE) < set(record.FAILED) and "invalid" not in record.BROKE
     assert search.FAILED is record.BROKE
     assert set(record.STATUS_STYLE) == set(record.STATUSES)
