@@ -332,7 +332,8 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
-              temperature: float | None, max_tokens: int | None, budget: int | None, max_experiments: int | None, until: str | None,
+              temperature: float | None, max_tokens: int | None, budget: int | None,
+              max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
               slots: int | None, cluster: str | None, cluster_gpus: float,
               min_delta: float, noise_runs: int, noise_k: float,
@@ -416,8 +417,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         say(f"interrupted; `autoresearch overnight --tag {cfg.tag}` resumes this run")
         sys.exit(130)
     best = ledger.best()
-    say(f"run {cfg.tag}: {len(ledger.records)} experiments, best val_bpb "
-        f"{best['val_bpb']:.6f} (#{best['number']}); see `autoresearch report --tag {cfg.tag}`")
+    where = f"{ledger.best_bpb():.6f} (#{best['number']})" if best else "-"
+    say(f"run {cfg.tag}: {len(ledger.records)} experiments, best val_bpb {where}; "
+        f"see `autoresearch report --tag {cfg.tag}`")
 
 
 @autoresearch.command(short_help="Rerun a recorded experiment image and compare val_bpb.")
@@ -448,8 +450,8 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
     click.echo(f"experiment  {old['id']}   image {old['image_tag']}")
     click.echo(f"recorded    val_bpb {fmt(old.get('val_bpb'))}   ({old.get('status')})")
     click.echo(f"now         val_bpb {fmt(new.get('val_bpb'))}   ({new.get('status')})")
-    if old.get("val_bpb") is not None and new.get("val_bpb") is not None:
-        click.echo(f"difference  {new['val_bpb'] - old['val_bpb']:+.6f}")
+    if (before := old.get("val_bpb")) is not None and (now := new.get("val_bpb")) is not None:
+        click.echo(f"difference  {now - before:+.6f}")
 
 
 @autoresearch.command("status", short_help="Show a run's experiments as a table.")

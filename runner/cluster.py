@@ -239,7 +239,7 @@ def node_share(gpu: str | None) -> int:
 
     ctx = ray.get_runtime_context()
     per_task = ctx.get_assigned_resources().get("CPU") or 1.0
-    node = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
+    node: dict[str, Any] = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
     return max(1, int((node.get("Resources") or {}).get("CPU", per_task) // per_task))
 
 
@@ -254,7 +254,7 @@ def node_limits(fields: dict[str, Any], fixed: bool, gpu: str | None) -> Limits 
     return request
 
 
-def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
+def _node_trial(payload: dict[str, Any]) -> Record:
     """Runs on a Ray worker: one trial, as `run_trial` would run it locally."""
     global _orphans_checked
     import ray
@@ -397,7 +397,7 @@ def submit_trial(spec: TrialSpec, backend: str = "docker", record_fields: dict[s
                              name=f"trial {spec.run}-{spec.number}").remote(payload)
 
 
-def _result(ref) -> dict[str, Any] | BaseException:
+def _result(ref) -> Record | BaseException:
     """The record behind a finished ref, or the exception that stands for it: the node's own
     exception (InfrastructureError, ImageError...) unwrapped, Ray's own failures (cancelled,
     worker or node died, object lost) as ClusterError."""
@@ -418,7 +418,7 @@ def _result(ref) -> dict[str, Any] | BaseException:
 
 
 def wait_any(refs: Sequence, timeout: float | None = None
-             ) -> tuple[list[tuple[Any, dict[str, Any] | BaseException]], list]:
+             ) -> tuple[list[tuple[Any, Record | BaseException]], list]:
     """Wait until at least one of `refs` finishes (or `timeout` seconds pass). Returns
     ([(ref, record or exception), ...] for every finished one, [refs still running]).
     Exceptions are returned, not raised, so that one failure loses no other result."""
@@ -489,7 +489,7 @@ class ClusterTrials:
 def run_trials(specs: Iterable[TrialSpec], backend: str = "docker",
                record_fields: Callable[[TrialSpec], dict[str, Any]] | None = None,
                in_flight: int | None = None, num_gpus: float = 1.0, num_cpus: float = 1.0
-               ) -> Iterator[tuple[TrialSpec, dict[str, Any] | BaseException]]:
+               ) -> Iterator[tuple[TrialSpec, Record | BaseException]]:
     """Run `specs` on the cluster with at most `in_flight` at once (default: `capacity`),
     yielding (spec, record or exception) in the order they finish. Closing the generator
     (or Ctrl-C) cancels the trials still running."""

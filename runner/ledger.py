@@ -90,5 +90,13 @@ class Ledger:
         kept = self.kept()
         return kept[-1] if kept else None
 
+    def best_bpb(self) -> float:
+        """val_bpb of the best record (a kept record was always scored)."""
+        best = self.best()
+        value = best.get("val_bpb") if best else None
+        if value is None:
+            raise LookupError(f"{self.jsonl} has no kept experiment yet")
+        return float(value)
+
     def total_cost(self) -> float:
         return sum(float((r.get("llm") or {}).get("cost_usd") or 0.0) for r in self.records)

@@ -37,7 +37,7 @@ def time_left(cfg: LoopConfig, state: LoopState, mean_wall: float | None) -> str
 
 
 def render(cfg: LoopConfig, state: LoopState) -> Group:
-    walls = [r.get("wall_seconds") for r in state.recent if r.get("wall_seconds")]
+    walls = [w for r in state.recent if (w := r.get("wall_seconds"))]
     mean_wall = sum(walls) / len(walls) if walls else None
     elapsed = time.time() - state.phase_started
     expected = f" of ~{fmt_seconds(cfg.budget + 60)}" if state.phase == "training" else ""

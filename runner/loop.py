@@ -137,7 +137,7 @@ def history(ledger: Ledger) -> History:
                 "delta": r.get("delta"), "description": r.get("description", "")}
 
     scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
-                    key=lambda r: r["val_bpb"])
+                    key=lambda r: r.get("val_bpb") or 0.0)
     failures = [r for r in ledger.records if r.get("status") in FAILED]
     best = ledger.best()
     return History(best=[row(r) for r in scored[:5]], recent=[row(r) for r in ledger.records[-8:]],
@@ -152,7 +152,7 @@ def spread(ledger: Ledger) -> float:
     if not runs:
         return 0.0
     commit = runs[-1]["commit"]
-    values = [r["val_bpb"] for r in runs if r["commit"] == commit and r.get("val_bpb") is not None]
+    values = [v for r in runs if r["commit"] == commit and (v := r.get("val_bpb")) is not None]
     return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
@@ -342,33 +342,33 @@ class Overnight:
         if not self.cfg.confirm:
             return False
         with self.lock:
-            best, (limit, rule) = self.ledger.best(), threshold(self.cfg, self.ledger)
-        assert best is not None
-        return decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit, rule)[0] == KEEP
+            best, (limit, rule) = self.ledger.best_bpb(), threshold(self.cfg, self.ledger)
+        return decide(rec["status"], rec["val_bpb"], best, limit, rule)[0] == KEEP
 
     def finish(self, c: Candidate, rec: Record, again: Record | None = None) -> None:
         """Decide against the best at this moment (with the confirming rerun `again`, on the
         mean of both runs); record; move refs."""
         with self.lock:
             best = self.ledger.best()
+            best_bpb = self.ledger.best_bpb()
             limit, rule = threshold(self.cfg, self.ledger)
-        assert best is not None and best["val_bpb"] is not None
+        assert best is not None
         rec["trial_status"], rec["role"] = rec["status"], "candidate"
         if c.llm:
             rec["phases"]["propose"] = c.llm["propose_seconds"]
-        status, decision = decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit, rule)
+        status, decision = decide(rec["status"], rec["val_bpb"], best_bpb, limit, rule)
         if again is not None:
             rec["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
             values = [v for v in (rec["val_bpb"], again.get("val_bpb")) if v is not None]
             mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
-            status, decision = decide("ok", mean, best["val_bpb"], limit, rule)
+            status, decision = decide("ok", mean, best_bpb, limit, rule)
             decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
         with self.lock:
             kept_at = None
             if status == KEEP and c.commit is not None:
                 kept_at = self.repo.keep_commit(c.number, c.commit, c.description)
             rec["status"], rec["decision"] = status, decision
-            rec["delta"] = (rec["val_bpb"] - best["val_bpb"]) if rec["val_bpb"] is not None else None
+            rec["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
             rec["best_before"] = best["number"]
             if kept_at:
                 rec["candidate_commit"], rec["commit"] = c.commit or "", kept_at

@@ -86,7 +86,7 @@ class RunRepo:
         for line in self.repo.git.for_each_ref("--format=%(refname) %(objectname)", prefix).splitlines():
             ref, sha = line.split()
             commit = self.repo.commit(sha)
-            m = MESSAGE.match(commit.message.strip().splitlines()[0])
+            m = MESSAGE.match(str(commit.message).strip().splitlines()[0])
             out[int(ref[len(prefix):])] = (sha, commit.parents[0].hexsha, m.group("description") if m else "")
         return out
 

@@ -148,12 +148,10 @@ def _changes_html(records: list[Record], diffs: dict[int, str], have_repo: bool)
     parts = []
     for rec, best_before in annotate(records):
         n = number_of(rec)
-        if not is_kept(rec) or n is None or best_before is None:     # the baseline
-            continue
         bpb = bpb_of(rec)
-        meta = f"val_bpb {bpb:.6f}"
-        if best_before is not None:
-            meta += f" ({bpb - best_before:+.6f})"
+        if not is_kept(rec) or n is None or bpb is None or best_before is None:   # the baseline
+            continue
+        meta = f"val_bpb {bpb:.6f} ({bpb - best_before:+.6f})"
         if rec.get("commit"):
             meta += f" · {str(rec['commit'])[:7]}"
         body = diff_html(diffs[n]) if diffs.get(n) else (

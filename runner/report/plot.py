@@ -45,8 +45,7 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
-    numbered = [(r, number_of(r)) for r in ordered]
-    numbered = [(r, n) for r, n in numbered if n is not None]
+    numbered = [(r, n) for r in ordered if (n := number_of(r)) is not None]
     scored = [(r, n) for r, n in numbered if bpb_of(r) is not None]
     failed = [(r, n) for r, n in numbered if bpb_of(r) is None]
     if not scored:
@@ -71,14 +70,14 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
     kept = [(r, n) for r, n in scored if is_kept(r)]
     others = [(r, n) for r, n in scored if not is_kept(r)]
     base, best = s["baseline_bpb"], s["best_bpb"]
-    values = [bpb_of(r) for r, _ in scored]
+    values = [scored_bpb(r) for r, _ in scored]
     ref_hi = base if base is not None else sorted(values)[len(values) // 2]
     ref_lo = best if best is not None else min(values)
     span = max(ref_hi - ref_lo, 0.0)
     pad = max(span * 0.12, abs(ref_hi) * 0.004, 1e-3)
     lo = min(min(values), ref_lo) - pad * 1.6        # room for the labels under kept points
     # Far-off results (a diverged run) would flatten the interesting part: clip them.
-    hi = max(ref_hi + max(span * 0.6, pad * 2), max(bpb_of(r) for r, _ in kept) + pad if kept else ref_hi)
+    hi = max(ref_hi + max(span * 0.6, pad * 2), max(scored_bpb(r) for r, _ in kept) + pad if kept else ref_hi)
     hi = min(hi, max(values) + pad)
     hi = max(hi, ref_hi + pad)
     xs_all = [n for _, n in numbered]
@@ -90,10 +89,10 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
     many = len(numbered) > 150
     trans = ax.get_xaxis_transform()           # x in data, y in axes fraction
 
-    inside = [(r, n) for r, n in others if bpb_of(r) <= hi]
-    above = [(r, n) for r, n in others if bpb_of(r) > hi]
+    inside = [(r, n) for r, n in others if scored_bpb(r) <= hi]
+    above = [(r, n) for r, n in others if scored_bpb(r) > hi]
     if inside:
-        ax.scatter([n for _, n in inside], [bpb_of(r) for r, _ in inside], s=10 if many else 18,
+        ax.scatter([n for _, n in inside], [scored_bpb(r) for r, _ in inside], s=10 if many else 18,
                    color="#9ca3af", alpha=0.75, linewidths=0, zorder=2,
                    label=f"discarded ({len(others)})")
     if above:
@@ -107,18 +106,19 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
 
     if kept:
         # the running best: a step line from the first keep to the last experiment
-        steps_x, steps_y = [], []
+        steps_x: list[float] = []
+        steps_y: list[float] = []
         for r, n in kept:
-            if steps_y and bpb_of(r) >= steps_y[-1]:
+            if steps_y and scored_bpb(r) >= steps_y[-1]:
                 continue
             steps_x.append(n)
-            steps_y.append(bpb_of(r))
+            steps_y.append(scored_bpb(r))
         steps_x.append(max(xs_all) + 0.5)
         steps_y.append(steps_y[-1])
         ax.step(steps_x, steps_y, where="post", color="#16a34a", linewidth=1.8, alpha=0.9,
                 zorder=3, label="running best")
         size = 30 if len(kept) > 40 else (46 if many else 64)
-        ax.scatter([n for _, n in kept], [bpb_of(r) for r, _ in kept], s=size, color="#22c55e",
+        ax.scatter([n for _, n in kept], [scored_bpb(r) for r, _ in kept], s=size, color="#22c55e",
                    edgecolors="#14532d", linewidths=1.0, zorder=4, label=f"kept ({len(kept)})")
     if base is not None:
         ax.axhline(base, color="#6b7280", linestyle="--", linewidth=1.0, zorder=1,
@@ -143,7 +143,7 @@ def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | 
     each where it overlaps no other label, kept marker or the legend (else left out)."""
     gains, prev = [], None
     for r, n in kept:
-        bpb = bpb_of(r)
+        bpb = scored_bpb(r)
         if prev is not None and r is not baseline and bpb < prev:
             gains.append((prev - bpb, n, r))
         prev = bpb if prev is None else min(prev, bpb)
@@ -156,7 +156,7 @@ def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | 
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     taken = [legend.get_window_extent(renderer)] if legend is not None else []
-    marks = ax.transData.transform([(n, bpb_of(r)) for r, n in kept])
+    marks = ax.transData.transform([(n, scored_bpb(r)) for r, n in kept])
     x_lo, x_hi = ax.get_xlim()
     placed = 0
     for _, n, r in sorted(gains, key=lambda g: -g[0]):
@@ -170,7 +170,7 @@ def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | 
             done = False
             for dy in (-8, -22, -36, 8):
                 ann = ax.annotate(
-                    label, (n, bpb_of(r)), xytext=(-7 if left else 7, dy), textcoords="offset points",
+                    label, (n, scored_bpb(r)), xytext=(-7 if left else 7, dy), textcoords="offset points",
                     fontsize=7.5, color="#14532d", ha="right" if left else "left",
                     va="top" if dy < 0 else "bottom", zorder=5, annotation_clip=True,
                     arrowprops={"arrowstyle": "-", "color": "#4ade80", "lw": 0.7,
@@ -193,6 +193,14 @@ def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | 
                 ann.remove()
             if done:
                 break
+
+
+def scored_bpb(rec: Record) -> float:
+    """val_bpb of a record known to be scored."""
+    value = bpb_of(rec)
+    if value is None:
+        raise ValueError(f"experiment {rec.get('id')} has no val_bpb")
+    return value
 
 
 def _png_bytes(fig: Any) -> bytes:

@@ -51,24 +51,25 @@ def one_line(text: Any, width: int | None = None) -> str:
 
 def wall_seconds(rec: Record) -> float | None:
     """Wall time of the whole experiment: the trial (build, train, score, ...) plus proposing."""
-    phases = rec.get("phases") if isinstance(rec.get("phases"), dict) else {}
+    phases: dict[str, Any] = ph if isinstance(ph := rec.get("phases"), dict) else {}
     propose = finite(phases.get("propose")) or 0.0
     wall = finite(rec.get("wall_seconds"))
     if wall is not None:
         return wall + propose
     # No trial ran (an invalid proposal): add the top-level phases (*_inside are nested).
-    parts = [finite(v) for k, v in phases.items() if not str(k).endswith("_inside")]
-    parts = [p for p in parts if p is not None]
+    parts = [p for k, v in phases.items()
+             if not str(k).endswith("_inside") and (p := finite(v)) is not None]
     return sum(parts) if parts else None
 
 
 def annotate(records: list[Record]) -> list[tuple[Record, float | None]]:
     """(record, best kept val_bpb before it), in experiment order."""
-    out, best = [], None
+    out: list[tuple[Record, float | None]] = []
+    best: float | None = None
     for rec in by_number(records):
         out.append((rec, best))
-        if is_kept(rec):
-            bpb = bpb_of(rec)
+        bpb = bpb_of(rec)
+        if is_kept(rec) and bpb is not None:
             best = bpb if best is None else min(best, bpb)
     return out
 
@@ -82,7 +83,7 @@ def summary(records: list[Record]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in ordered:
         counts[status_of(r)] = counts.get(status_of(r), 0) + 1
-    llm = [r.get("llm") if isinstance(r.get("llm"), dict) else {} for r in ordered]
+    llm: list[dict[str, Any]] = [x if isinstance(x := r.get("llm"), dict) else {} for r in ordered]
     dates = sorted(d for d in (local_time(r.get("started_at")) for r in ordered) if d is not None)
     walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
     base_bpb = bpb_of(baseline) if baseline else None

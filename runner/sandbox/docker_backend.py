@@ -296,7 +296,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         phases["container_setup"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        stop, mem = threading.Event(), {}
+        stop, mem = threading.Event(), dict[str, int]()
         gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         train.start()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)

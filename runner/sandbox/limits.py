@@ -66,9 +66,13 @@ class LimitRequest:
 
     def resolve(self, machine: Machine, share: int | None = None) -> Limits:
         limits = default_limits(machine, share or self.share or 1)
-        given = {k: v for k, v in (("memory_bytes", self.memory_bytes), ("cpus", self.cpus),
-                                   ("startup_s", self.startup_s)) if v is not None}
-        return replace(limits, **given)
+        if self.memory_bytes is not None:
+            limits.memory_bytes = self.memory_bytes
+        if self.cpus is not None:
+            limits.cpus = self.cpus
+        if self.startup_s is not None:
+            limits.startup_s = self.startup_s
+        return limits
 
 
 def default_limits(machine: Machine | None = None, share: int = 1) -> Limits:
