@@ -49,53 +49,18 @@ def autoresearch() -> None:
 
 
 @autoresearch.command(short_help="Build the data set and tokenizer (run once).")
-@click.option(
-    "--dataset",
-    "dataset",
-    metavar="SOURCE",
-    default="shakespeare",
-    show_default=True,
-    help=DATASET_HELP,
-)
-@click.option(
-    "--data-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    envvar=DATA_DIR_ENV,
-    show_envvar=True,
-    show_default="<repo>/data",
-    help="Where the built data set (token shards, tokenizer, manifest) is written.",
-)
-@click.option(
-    "--vocab-size",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=8192,
-    show_default=True,
-    help="Tokenizer vocabulary size (prepare.py checks its own limits).",
-)
-@click.option(
-    "--num-shards",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Number of training shards to fetch (parquet sources); prepare.py's default if unset.",
-)
-@click.option(
-    "--val-shard",
-    metavar="K",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Parquet shard held out for validation (parquet sources); prepare.py's default if unset.",
-)
-@click.option(
-    "--cache-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where downloads are cached; else $AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch.",
-)
+@click.option("--dataset", metavar="SOURCE", default="shakespeare", show_default=True, help=DATASET_HELP)
+@click.option("--data-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_DATA_DIR, envvar=DATA_DIR_ENV, show_envvar=True, show_default="<repo>/data",
+              help="Where the built data set (token shards, tokenizer, manifest) is written.")
+@click.option("--vocab-size", metavar="N", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Tokenizer vocabulary size (prepare.py checks its own limits).")
+@click.option("--num-shards", metavar="N", type=click.IntRange(min=1), default=None,
+              help="Number of training shards to fetch (parquet sources); prepare.py's default if unset.")
+@click.option("--val-shard", metavar="K", type=click.IntRange(min=0), default=None,
+              help="Parquet shard held out for validation (parquet sources); prepare.py's default if unset.")
+@click.option("--cache-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where downloads are cached; else $AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch.")
 def prepare(
     dataset: str,
     data_dir: Path,

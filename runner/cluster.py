@@ -187,10 +187,7 @@ def trial_payload(spec: TrialSpec, backend: str, record_fields: dict[str, Any] |
     (the data path travels as a hint, checked against the manifest hash)."""
     from runner.paths import PREPARE_PY
 
-    base = spec.base_image
-    if base is None and backend == "docker" and not spec.image:
-        from runner.sandbox import images
-        base = images.default_base_tag()           # resolved here: every node builds on the same
+    spec = get_backend(backend).pin(spec)
     fixed = isinstance(spec.limits, Limits)
     return {
         "train_py": Path(spec.train_py).read_bytes(),
@@ -203,7 +200,7 @@ def trial_payload(spec: TrialSpec, backend: str, record_fields: dict[str, Any] |
             "budget": spec.budget, "run": spec.run, "number": spec.number, "seed": spec.seed,
             "limits": asdict(spec.limits), "fixed_limits": fixed, "labels": dict(spec.labels),
             "artifact_dir": str(spec.artifact_dir) if spec.artifact_dir is not None else None,
-            "eval_tokens": spec.eval_tokens, "base_image": base, "image": spec.image,
+            "eval_tokens": spec.eval_tokens, "base_image": spec.base_image, "image": spec.image,
         },
     }
 

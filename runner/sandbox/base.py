@@ -79,6 +79,10 @@ def _none_aborted(run: str) -> int:
     return 0
 
 
+def _as_it_is(spec: TrialSpec) -> TrialSpec:
+    return spec
+
+
 @dataclass(frozen=True)
 class Backend:
     """How a trial runs on this machine, with its lifecycle:
@@ -87,13 +91,16 @@ class Backend:
       already resolved); a candidate's failure is an Outcome, InfrastructureError is not;
     - `sweep_orphans(log) -> int`: remove what runners that are gone left behind (at start);
     - `abort(run) -> int`: stop this process's trials of `run` at once, from another thread
-      (Ctrl-C): each trial's `run` then returns or raises soon and cleans up after itself.
+      (Ctrl-C): each trial's `run` then returns or raises soon and cleans up after itself;
+    - `pin(spec) -> spec`: before a spec travels to another machine, fix here what must be
+      the same on every machine (docker: the base image tag).
     """
 
     name: str
     run: Callable[[TrialSpec, Log], Outcome]
     sweep_orphans: Callable[[Log], int] = _none_swept
     abort: Callable[[str], int] = _none_aborted
+    pin: Callable[[TrialSpec], TrialSpec] = _as_it_is
 
 
 def training_view(data_dir: Path) -> list[Path]:

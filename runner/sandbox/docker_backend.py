@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -389,5 +390,12 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         phases["cleanup"] = time.perf_counter() - t5
 
 
+def pin_base(spec: TrialSpec) -> TrialSpec:
+    """The spec with its base tag resolved here, so that every node builds on the same."""
+    if spec.base_image is None and not spec.image:
+        return replace(spec, base_image=images.default_base_tag())
+    return spec
+
+
 BACKEND = Backend(name="docker", run=run, sweep_orphans=lambda log: remove_orphans(log=log),
-                  abort=abort_own)
+                  abort=abort_own, pin=pin_base)
