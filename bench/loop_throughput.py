@@ -48,8 +48,8 @@ scaling  The `search` agent, one loop per configuration of k slots. With `--gpus
          its share of the window inside trials; CPU slots have no id, so only the
          configuration's figure.
 
-Trial start and end times are taken around each trial call (the loop's `trial` hook wrapping
-`run_trial`, which also notes the trial's GPU), to the millisecond; the records' `started_at`
+Trial start and end times are taken around each trial call (the loop's executor, local trials
+that also note the trial's GPU), to the millisecond; the records' `started_at`
 (whole seconds) + `wall_seconds` agree with them to within a second. Prints Markdown tables for
 bench/RESULTS.md; `--json` writes the raw figures (records and spans included).
 

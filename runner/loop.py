@@ -353,25 +353,23 @@ class Overnight:
             best_bpb = self.ledger.best_bpb()
             limit, rule = threshold(self.cfg, self.ledger)
         assert best is not None
-        rec["trial_status"], rec["role"] = rec["status"], "candidate"
+        extra: dict[str, Any] = {"best_before": best["number"]}
         if c.llm:
-            rec["phases"]["propose"] = c.llm["propose_seconds"]
+            extra["phases"] = {**rec["phases"], "propose": c.llm["propose_seconds"]}
         status, decision = decide(rec["status"], rec["val_bpb"], best_bpb, limit, rule)
         if again is not None:
-            rec["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
+            extra["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
             values = [v for v in (rec["val_bpb"], again.get("val_bpb")) if v is not None]
             mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
             status, decision = decide("ok", mean, best_bpb, limit, rule)
             decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
+        extra["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
         with self.lock:
             kept_at = None
             if status == KEEP and c.commit is not None:
                 kept_at = self.repo.keep_commit(c.number, c.commit, c.description)
-            rec["status"], rec["decision"] = status, decision
-            rec["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
-            rec["best_before"] = best["number"]
-            if kept_at:
-                rec["candidate_commit"], rec["commit"] = c.commit or "", kept_at
+                extra.update(candidate_commit=c.commit, commit=kept_at)
+            rec = record.decided(rec, "candidate", status, decision, **extra)
             self.append(rec)                            # the truth first, then refs and branch
             self.repo.settle(c.number, c.commit, kept_at)
             if kept_at:
@@ -399,11 +397,12 @@ class Overnight:
         self.observe(self.state)
 
     def record_measurement(self, job: Candidate, rec: Record) -> None:
-        rec["trial_status"], rec["role"] = rec["status"], job.role
-        if rec["status"] == "ok" and job.role == "baseline":
-            rec["status"], rec["decision"], rec["delta"] = KEEP, "baseline", 0.0
-        elif rec["status"] == "ok":
-            rec["status"], rec["decision"] = record.DISCARD, "noise measurement, never kept"
+        if rec["status"] != "ok":
+            rec = record.decided(rec, job.role, rec["status"], None)
+        elif job.role == "baseline":
+            rec = record.decided(rec, job.role, KEEP, "baseline", delta=0.0)
+        else:
+            rec = record.decided(rec, job.role, record.DISCARD, "noise measurement, never kept")
         with self.lock:
             self.append(rec)
 

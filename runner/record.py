@@ -2,7 +2,8 @@
 loop, the ledger, the reports and `reproduce`.
 
 Everything about it lives here: its fields (`Record`), the statuses and what they mean, how a
-trial's outcome becomes a record, and the one reader of `experiments.jsonl` files, which
+trial's outcome becomes a record (`from_outcome`, `failed_proposal`, and `decided` for the
+loop's verdict), and the one reader of `experiments.jsonl` files, which
 repairs what a crash can leave and upgrades records written by older versions.
 
 Statuses. A trial ends ``ok`` (scored) or in one of `FAILED`; the loop then turns ``ok`` into
@@ -150,6 +151,16 @@ def failed_proposal(run: str, number: int, parent: str | None, description: str,
             "phases": {"propose": float((llm or {}).get("propose_seconds") or 0.0)},
             "started_at": now_iso(), "trial_status": "invalid", "role": "candidate",
             "decision": "no valid proposal"}
+
+
+def decided(rec: Record, role: str, status: str, decision: str | None, **fields: Any) -> Record:
+    """A trial's record with the loop's verdict: its role, the status the loop gave it (the
+    trial's own stays in `trial_status`), the rule that decided, and what else the loop knows
+    (`delta`, `best_before`, `confirm`, ...). A new record: the trial's is left as it was."""
+    verdict: dict[str, Any] = {"trial_status": rec["status"], "role": role, "status": status}
+    if decision is not None:
+        verdict["decision"] = decision
+    return {**rec, **verdict, **fields}  # type: ignore[typeddict-item]
 
 
 def upgrade(rec: dict[str, Any]) -> Record:

@@ -1,5 +1,5 @@
 """The loop's slot scheduling with timed, scripted trials in place of the sandbox (through the
-loop's `trial` hook): what runs when, on which slot, and in what order it is recorded. The
+loop's `executor`): what runs when, on which slot, and in what order it is recorded. The
 real trials are in tests/test_loop.py; here the durations and scores must be exact, so that
 the order of events is what is tested."""
 

@@ -81,3 +81,13 @@ def test_statuses_have_one_home():
     assert set(record.BROKE) < set(record.FAILED) and "invalid" not in record.BROKE
     assert search.FAILED is record.BROKE
     assert set(record.STATUS_STYLE) == set(record.STATUSES)
+
+
+def test_the_loop_verdict_is_a_new_record():
+    trial = {"id": "t-1", "status": "ok", "val_bpb": 1.0, "phases": {"train": 1.0}}
+    kept = record.decided(trial, "candidate", "keep", "rule", delta=-0.1)
+    assert kept == {**trial, "trial_status": "ok", "role": "candidate", "status": "keep",
+                    "decision": "rule", "delta": -0.1}
+    assert trial["status"] == "ok" and "role" not in trial
+    failed = record.decided({"status": "crash"}, "baseline", "crash", None)
+    assert failed == {"status": "crash", "trial_status": "crash", "role": "baseline"}
