@@ -176,8 +176,10 @@ def limit_request(memory: float | None, cpus: float | None, startup: int | None 
               help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--memory", type=float, default=None, metavar="GB",
-              help="RAM limit of the training container (default: 3/4 of this machine, at most 64).")
-@click.option("--cpus", type=float, default=None, help="CPU limit (default: all cores, at most 8).")
+              help="RAM limit of the training container (default: 3/4 of the machine that runs it, "
+              "a Ray node with --cluster; at most 64).")
+@click.option("--cpus", type=float, default=None,
+              help="CPU limit (default: all cores of the machine that runs it, at most 8).")
 @click.option("--startup", type=click.IntRange(1), default=None, metavar="S",
               help="Seconds allowed on top of the budget before the hard kill (default: 240).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True,
@@ -293,8 +295,10 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               help="Run --noise-runs more baselines of the current best first (on a resumed run).")
 @click.option("--confirm", is_flag=True, help="Train an apparent win again (another seed) before keeping it.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--memory", type=float, default=None, metavar="GB", help="RAM limit per trial.")
-@click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
+@click.option("--memory", type=float, default=None, metavar="GB",
+              help="RAM limit per trial (default: 3/4 of the machine that runs it, split between its slots).")
+@click.option("--cpus", type=float, default=None,
+              help="CPU limit per trial (default: the cores of the machine that runs it, split between its slots).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
               temperature: float | None, max_tokens: int | None, budget: int | None,
