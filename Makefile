@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # apt-get needs root: prefix sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps python-deps engine prepare images overnight report test bench clean demo-local-llm
+.PHONY: install system-deps python-deps engine prepare images overnight report test lint bench clean demo-local-llm
 
 # Everything the tests need, from a bare machine: system packages, the virtualenv, a running
 # Docker engine and the offline base image.
@@ -74,15 +74,22 @@ test:
 	@$(PY) -m pytest -q $(PYTEST_ARGS) || { rc=$$?; \
 		[ $$rc -ne 5 ] || echo "pytest: no tests collected (exit code 5)"; exit $$rc; }
 
-# Benchmarks: every bench/*.py is a standalone script that appends its figures to
-# bench/RESULTS.md. None exist yet; this target runs whatever is there.
+# The runner package must stay clean under ruff and mypy (configured in pyproject.toml; both
+# come with the `dev` extra). CI runs this before the tests.
+lint:
+	$(PY) -m ruff check runner
+	$(PY) -m mypy
+
+# Benchmarks: every bench/*.py is a standalone script that prints its figures for
+# bench/RESULTS.md (see bench/README.md: each result there with its command and machine).
+# This target runs them all in turn.
 bench:
 	@set -e; found=0; \
 	for f in bench/*.py; do \
 		[ -e "$$f" ] || continue; found=1; \
 		echo "== $$f"; $(PY) "$$f"; \
 	done; \
-	[ $$found = 1 ] || echo "no benchmarks yet"
+	[ $$found = 1 ] || echo "no benchmark scripts in bench/"
 
 # Caches and build leftovers only: never data/, runs/ or the virtualenv.
 clean:

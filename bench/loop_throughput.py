@@ -27,7 +27,7 @@ duty     One slot, the `llm` agent through litellm over HTTP to a scripted local
 scaling  The `search` agent, one loop per configuration of k slots. With `--gpus` (N ids) the
          configurations are 1, 2, 4, 8, ... slots up to N (and N itself when it is not a power
          of two), each on the first k GPUs of the list; on CPU (no `--gpus`) 1 and 2 slots of
-         `default_limits(slots=k)` (the cores split over k). `--slot-counts 1,2,4` picks them.
+         `default_limits(share=k)` (the cores split over k). `--slot-counts 1,2,4` picks them.
          Each loop runs `--scaling-trials` experiments after the baseline, or, with
          `--scaling-seconds S`, starts no trial later than S s after the loop started (trials
          running then finish; `LoopConfig.until`), with both: whichever comes first. Without
@@ -48,8 +48,8 @@ scaling  The `search` agent, one loop per configuration of k slots. With `--gpus
          its share of the window inside trials; CPU slots have no id, so only the
          configuration's figure.
 
-Trial start and end times are taken around each trial call (the loop's `trial` hook wrapping
-`run_trial`, which also notes the trial's GPU), to the millisecond; the records' `started_at`
+Trial start and end times are taken around each trial call (the loop's executor, local trials
+that also note the trial's GPU), to the millisecond; the records' `started_at`
 (whole seconds) + `wall_seconds` agree with them to within a second. Prints Markdown tables for
 bench/RESULTS.md; `--json` writes the raw figures (records and spans included).
 
@@ -82,7 +82,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))          # llm_server.py, projects.py
 
 from runner.loop import LoopConfig, overnight  # noqa: E402
-from runner.trial import default_limits, run_trial  # noqa: E402
+from runner.sandbox import default_limits  # noqa: E402
+from runner.trial import LocalTrials  # noqa: E402
 from projects import make_project  # noqa: E402
 
 SESSION = f"loopbench{uuid.uuid4().hex[:6]}"
@@ -125,19 +126,20 @@ def small_data(root: Path) -> Path:
     return out
 
 
-class Timed:
-    """The loop's `trial` hook: run_trial, with the wall-clock start and end of every call and
+class Timed(LocalTrials):
+    """The loop's executor: local trials, with the wall-clock start and end of every call and
     the GPU it ran on (None: a CPU slot)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend)
         self.spans: dict[int, tuple[float, float]] = {}
         self.gpus: dict[int, str | None] = {}
         self.lock = threading.Lock()
 
-    def __call__(self, spec, backend, **kw) -> dict[str, Any]:
+    def run(self, spec, log=lambda _: None, **kw) -> dict[str, Any]:
         t0 = time.time()
         try:
-            return run_trial(spec, backend, **kw)
+            return super().run(spec, log, **kw)
         finally:
             with self.lock:
                 self.spans[spec.number] = (t0, time.time())
@@ -154,8 +156,8 @@ def run_loop(args, tmp: Path, data: Path, name: str, agent: str, trials: int | N
     if trials is None and not seconds:
         raise ValueError("run_loop needs a number of trials or seconds")
     project = make_project(tmp / name, user="bench")
-    timed = Timed()
-    limits = default_limits(gpus[0], slots=limit_slots or len(gpus))
+    timed = Timed(args.backend)
+    limits = default_limits(share=limit_slots or len(gpus))
     stops = [f"{trials} trials + baseline"] if trials is not None else []
     if seconds:
         stops.append(f"no start after {seconds:g} s")
@@ -172,9 +174,9 @@ def run_loop(args, tmp: Path, data: Path, name: str, agent: str, trials: int | N
     cfg = LoopConfig(tag=f"{SESSION}-{name}", agent=agent, budget=budget,
                      max_experiments=trials + 1 if trials is not None else None,
                      until=datetime.now() + timedelta(seconds=seconds) if seconds else None,
-                     backend=args.backend, data_dir=data, runs_dir=project / "runs",
+                     data_dir=data, runs_dir=project / "runs",
                      repo_root=project, gpus=gpus, limits=limits, eval_tokens=args.eval_tokens or None,
-                     seed=args.seed, trial=timed, **kw)
+                     seed=args.seed, executor=timed, **kw)
     ledger = overnight(cfg, log=log)
     wall = time.time() - start
     records = list(ledger.records)

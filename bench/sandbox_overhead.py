@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runner.paths import TRAIN_PY, data_dir  # noqa: E402
-from runner.sandbox import Limits, TrialSpec  # noqa: E402
+from runner.sandbox import Limits, TrialSpec, default_limits  # noqa: E402
 from runner.sandbox import images  # noqa: E402
-from runner.trial import default_limits, run_trial  # noqa: E402
+from runner.trial import run_trial  # noqa: E402
 
 
 def main() -> None:

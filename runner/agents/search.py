@@ -58,12 +58,15 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, cast
 
 from runner.agents import History, Proposal
+from runner.record import BROKE
 
 DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|UNTIMED|VERBOSE|LOG_EVERY"
-FAILED = ("crash", "timeout", "oom")
+# A move that broke training bounds its direction; an `invalid` one (a rejected proposal, a
+# model the scorer refused) says nothing about the value.
+FAILED = BROKE
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _DESC = re.compile(r"^\s*search:\s+(?P<name>[A-Z][A-Z0-9_]*(?:\[\d+\])?)\s+(?P<old>\S+)\s+->\s+"
                    r"(?P<new>[^\s,;]+)")
@@ -97,7 +100,7 @@ class Result:
 def _number(node: ast.AST) -> float | int | None:
     """The value of a constant numeric expression (literals, + - * / ** and unary minus)."""
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return node.value  # type: ignore[return-value]  # int or float, checked just above
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _number(node.operand)
         return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
@@ -172,15 +175,17 @@ def find_knobs(source: str, device: str = "gpu", exclude: str | None = DEFAULT_E
     for line in data.split(b"\n")[:-1]:
         line_starts.append(line_starts[-1] + len(line) + 1)
 
-    def span(node: ast.AST) -> tuple[int, int]:
-        return (line_starts[node.lineno - 1] + node.col_offset,
-                line_starts[node.end_lineno - 1] + node.end_col_offset)
+    def span(value: ast.AST) -> tuple[int, int]:
+        node = cast(ast.expr, value)                    # the value of an assignment: located
+        end_line, end_col = node.end_lineno or node.lineno, node.end_col_offset or node.col_offset
+        return (line_starts[node.lineno - 1] + node.col_offset, line_starts[end_line - 1] + end_col)
 
     skip = re.compile(exclude) if exclude else None
     knobs: list[Knob] = []
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             break
+        targets: list[ast.expr]
         if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
             targets, value = [stmt.target], stmt.value
         elif isinstance(stmt, ast.Assign):
@@ -225,7 +230,8 @@ def _granule(v: int) -> int:
 
 def steps(knob: Knob, direction: int) -> list[tuple[float | int, str]]:
     """Candidate (new value, new source text) for a direction, the small step first."""
-    v, out = knob.value, []
+    v = knob.value
+    out: list[tuple[float | int, str]] = []
     if knob.kind == "exp2":
         k = int(knob.text.replace(" ", "").split("**")[1])
         for dk in (1, 2):
@@ -241,7 +247,7 @@ def steps(knob: Knob, direction: int) -> list[tuple[float | int, str]]:
         if v <= 5:
             cands = [v + direction * d for d in (1, 2)]
         else:
-            g = _granule(v)
+            g = _granule(int(v))
             factors = (1.25, 1.5) if direction > 0 else (0.75, 0.5)
             cands = [max(g, int(round(v * f / g)) * g) for f in factors]
         for n in cands:
@@ -254,14 +260,14 @@ def steps(knob: Knob, direction: int) -> list[tuple[float | int, str]]:
         else:
             factors = (0.7, 0.5) if direction > 0 else (1.4, 2.0)
             raw = [1 - (1 - v) * f for f in factors]
-        for n in raw:
-            text = _fmt_float(n)
-            n = float(text)
-            if 0 < n < 1 and (n - v) * direction > 0:
-                out.append((n, text))
+        for x in raw:
+            text = _fmt_float(x)
+            rounded = float(text)
+            if 0 < rounded < 1 and (rounded - v) * direction > 0:
+                out.append((rounded, text))
     elif knob.kind == "float":
-        for f in ((1.4, 2.0) if direction > 0 else (0.7, 0.5)):
-            text = _fmt_float(v * f)
+        for factor in ((1.4, 2.0) if direction > 0 else (0.7, 0.5)):
+            text = _fmt_float(v * factor)
             if (float(text) - v) * direction > 0:
                 out.append((float(text), text))
     elif knob.kind == "zero" and direction > 0:
@@ -419,7 +425,7 @@ class SearchAgent:
                                   "this best train.py or is ruled out by earlier failures")
         choice = None
         latest = max((r for r in self.results.values() if r.number is not None),
-                     key=lambda r: r.number, default=None)
+                     key=lambda r: r.number or 0, default=None)
         if latest is not None and latest.status == "keep" and rng.random() < self.push_prob:
             knob = next((k for k in knobs if k.name == latest.name), None)
             if knob is not None and _key(knob.value) == _key(latest.new):

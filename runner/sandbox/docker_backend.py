@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,9 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
-from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
-                            escape_log, parse_score, parse_summary, training_view)
 from runner.sandbox import images
+from runner.sandbox.base import Backend, InfrastructureError, Log, Outcome, TrialSpec, training_view
+from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 UID = "10001:10001"
 LABEL_RUN = "autoresearch.run"
@@ -242,7 +243,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         raise InfrastructureError(f"no base image {base}: build it with `autoresearch images build` "
                                   "(or `make images`)")
     training = training_view(spec.data_dir)
-    lim = spec.limits
+    lim = spec.fixed_limits
     train_sha = sha256_file(spec.train_py)
     tag = spec.image or experiment_tag(spec, train_sha)
     labels = image_labels(spec, cli.images.get(base).id, train_sha)
@@ -296,7 +297,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         phases["container_setup"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        stop, mem = threading.Event(), {}
+        stop, mem = threading.Event(), dict[str, int]()
         gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         train.start()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
@@ -356,22 +357,11 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         scorer.reload()
         if (inside := inside_seconds(scorer)) is not None:
             phases["score_inside"] = inside
-        if score_exit == 2:
-            raise InfrastructureError("the scorer found no data: " +
-                                      bounded_logs(scorer, 2000, stdout=False)[-500:])
-        if scorer.attrs["State"].get("OOMKilled"):
+        if scorer.attrs["State"].get("OOMKilled") and score_exit != 2:
             outcome.status, outcome.reason = "invalid", "the scorer ran out of memory on this model"
             return outcome
-        result = parse_score(bounded_logs(scorer, 64 * 1024, stderr=False))
-        if score_exit != 0 and result.get("status") != "invalid":
-            result = {"status": "invalid",
-                      "reason": f"scorer exited with {score_exit}: " +
-                                bounded_logs(scorer, 2000, stdout=False)[-300:]}
-        outcome.score = result
-        if result["status"] == "ok":
-            outcome.status, outcome.val_bpb = "ok", float(result["val_bpb"])
-        else:
-            outcome.status, outcome.reason = "invalid", str(result.get("reason", ""))[:500]
+        apply_score(outcome, score_exit, bounded_logs(scorer, 64 * 1024, stderr=False),
+                    bounded_logs(scorer, 2000, stdout=False))
 
         # ---- copy out ----
         if spec.artifact_dir is not None:
@@ -398,3 +388,14 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
                 except docker.errors.APIError:
                     time.sleep(0.1)
         phases["cleanup"] = time.perf_counter() - t5
+
+
+def pin_base(spec: TrialSpec) -> TrialSpec:
+    """The spec with its base tag resolved here, so that every node builds on the same."""
+    if spec.base_image is None and not spec.image:
+        return replace(spec, base_image=images.default_base_tag())
+    return spec
+
+
+BACKEND = Backend(name="docker", run=run, sweep_orphans=lambda log: remove_orphans(log=log),
+                  abort=abort_own, pin=pin_base)

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
-from runner.sandbox import (InfrastructureError, Log, Outcome, TrialSpec, classify_exit,
-                            escape_log, parse_score, parse_summary, training_view)
+from runner.sandbox.base import Backend, Log, Outcome, TrialSpec, training_view
+from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 WARNING = ("WARNING: the process backend is NOT a sandbox and isolates nothing: train.py runs "
            "as user {user} on this machine, with this user's files, network, GPUs and any "
@@ -256,7 +256,7 @@ def rlimits_for(memory_bytes: int, gpu: str | None, out_bytes: int) -> dict[str,
 
 def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: list) -> str:
     """Run train.py to its end or the cap; fills the outcome's train fields; returns the log."""
-    lim = spec.limits
+    lim = spec.fixed_limits
     env = build_env(work, spec.gpu)
     env.update({"AUTORESEARCH_TIME_BUDGET": str(spec.budget), "AUTORESEARCH_SEED": str(spec.seed),
                 "AUTORESEARCH_DATA_DIR": str(work / "data"), "AUTORESEARCH_OUT": str(work / "out"),
@@ -355,7 +355,7 @@ def read_some(fd: int) -> bytes | None:
 
 def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: list) -> None:
     """Run the trusted scorer on `model` (a copy the candidate cannot reach any more)."""
-    lim = spec.limits
+    lim = spec.fixed_limits
     env = build_env(folder, spec.gpu)
     if spec.eval_tokens:
         env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
@@ -381,17 +381,7 @@ def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: l
         return
     stdout = tail_of(out_path, SCORE_OUT_BYTES)
     stderr = tail_of(err_path, SCORE_ERR_BYTES)
-    if returncode == 2:
-        raise InfrastructureError("the scorer found no data: " + stderr[-500:])
-    result = parse_score(stdout)
-    if returncode != 0 and result.get("status") != "invalid":
-        result = {"status": "invalid",
-                  "reason": f"scorer exited with {exit_code_of(returncode)}: " + stderr[-300:]}
-    outcome.score = result
-    if result["status"] == "ok":
-        outcome.status, outcome.val_bpb = "ok", float(result["val_bpb"])
-    else:
-        outcome.status, outcome.reason = "invalid", str(result.get("reason", ""))[:500]
+    apply_score(outcome, exit_code_of(returncode), stdout, stderr)
 
 
 def tail_of(path: Path, limit: int) -> str:
@@ -403,7 +393,7 @@ def tail_of(path: Path, limit: int) -> str:
 def run(spec: TrialSpec, log: Log) -> Outcome:
     warn(log)
     training = training_view(Path(spec.data_dir))
-    lim = spec.limits
+    lim = spec.fixed_limits
     phases: dict[str, float] = {}
     outcome = Outcome(status="crash", backend="process", image_tag=None, phases=phases)
     marker = uuid.uuid4().hex
@@ -467,3 +457,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
                     log(f"warning: process {proc.pid} did not die")
         shutil.rmtree(root, ignore_errors=True)
         phases["cleanup"] = time.perf_counter() - t4
+
+
+# Nothing to sweep or abort: every trial's processes die with it (`kill_all` on every path out
+# of `run`), and a trial cut short by Ctrl-C is killed by its own thread's cleanup.
+BACKEND = Backend(name="process", run=run)

@@ -1,0 +1,144 @@
+"""What a run's records add up to, for every report: the numbers, ordering and formatting the
+terminal table, the plot and the page share.
+
+Records come from the ledger but may be hand-edited or odd: every value is checked here
+(`finite`, `number_of`), so a strange line never breaks a report.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Iterable
+
+from runner.record import FAILED, KEEP, Record
+
+def finite(value: Any) -> float | None:
+    """A finite number, else None (a hand-edited or odd ledger must not break a report)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def number_of(rec: Record) -> int | None:
+    n = rec.get("number")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def by_number(records: Iterable[Record]) -> list[Record]:
+    """By experiment number (stable; records without a number last)."""
+    return sorted(records, key=lambda r: (number_of(r) is None, number_of(r) or 0))
+
+
+def bpb_of(rec: Record) -> float | None:
+    return finite(rec.get("val_bpb"))
+
+
+def status_of(rec: Record) -> str:
+    return str(rec.get("status") or "?")
+
+
+def is_kept(rec: Record) -> bool:
+    return status_of(rec) == KEEP and bpb_of(rec) is not None
+
+
+def one_line(text: Any, width: int | None = None) -> str:
+    s = " ".join(str(text or "").split())
+    if width is not None and len(s) > width:
+        s = s[: max(width - 1, 1)].rstrip() + "…"
+    return s
+
+
+def wall_seconds(rec: Record) -> float | None:
+    """Wall time of the whole experiment: the trial (build, train, score, ...) plus proposing."""
+    phases: dict[str, Any] = ph if isinstance(ph := rec.get("phases"), dict) else {}
+    propose = finite(phases.get("propose")) or 0.0
+    wall = finite(rec.get("wall_seconds"))
+    if wall is not None:
+        return wall + propose
+    # No trial ran (an invalid proposal): add the top-level phases (*_inside are nested).
+    parts = [p for k, v in phases.items()
+             if not str(k).endswith("_inside") and (p := finite(v)) is not None]
+    return sum(parts) if parts else None
+
+
+def annotate(records: list[Record]) -> list[tuple[Record, float | None]]:
+    """(record, best kept val_bpb before it), in experiment order."""
+    out: list[tuple[Record, float | None]] = []
+    best: float | None = None
+    for rec in by_number(records):
+        out.append((rec, best))
+        bpb = bpb_of(rec)
+        if is_kept(rec) and bpb is not None:
+            best = bpb if best is None else min(best, bpb)
+    return out
+
+
+def summary(records: list[Record]) -> dict[str, Any]:
+    """Counts, baseline, best and cost: what the caption and the page header say."""
+    ordered = by_number(records)
+    kept = [r for r in ordered if is_kept(r)]
+    baseline = next((r for r in kept if number_of(r) == 0), kept[0] if kept else None)
+    best = min(kept, key=lambda r: (bpb_of(r), -(number_of(r) or 0))) if kept else None
+    counts: dict[str, int] = {}
+    for r in ordered:
+        counts[status_of(r)] = counts.get(status_of(r), 0) + 1
+    llm: list[dict[str, Any]] = [x if isinstance(x := r.get("llm"), dict) else {} for r in ordered]
+    dates = sorted(d for d in (local_time(r.get("started_at")) for r in ordered) if d is not None)
+    walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
+    base_bpb = bpb_of(baseline) if baseline else None
+    best_bpb = bpb_of(best) if best else None
+    return {
+        "experiments": len(ordered),
+        "kept": len(kept),
+        "kept_changes": sum(1 for r in kept if r is not baseline),
+        "discarded": counts.get("discard", 0),
+        "failed": sum(counts.get(s, 0) for s in FAILED),
+        "counts": counts,
+        "baseline": baseline,
+        "baseline_bpb": base_bpb,
+        "best": best,
+        "best_bpb": best_bpb,
+        "improvement": (base_bpb - best_bpb) if base_bpb is not None and best_bpb is not None else None,
+        "cost_usd": sum(finite(x.get("cost_usd")) or 0.0 for x in llm),
+        "tokens": sum(int(finite(x.get("prompt_tokens")) or 0) + int(finite(x.get("completion_tokens")) or 0)
+                      for x in llm),
+        "models": sorted({str(x["model"]) for x in llm if x.get("model")}),
+        "first": dates[0] if dates else None,
+        "last": dates[-1] if dates else None,
+        "wall_seconds": sum(walls),
+    }
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def money(usd: float) -> str:
+    return f"${usd:.4f}" if 0 < usd < 0.01 else f"${usd:.2f}"
+
+
+def fmt(value: float | None, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def local_time(stamp: Any) -> datetime | None:
+    """An ISO time stamp as an aware datetime in local time (naive ones are taken as local)."""
+    if isinstance(stamp, datetime):
+        return stamp.astimezone()
+    try:
+        return datetime.fromisoformat(str(stamp)).astimezone() if stamp else None
+    except ValueError:
+        return None
+
+
+def date_text(stamp: Any) -> str:
+    when = local_time(stamp)
+    return when.strftime("%Y-%m-%d %H:%M") if when else (str(stamp) if stamp else "-")

@@ -1,0 +1,116 @@
+"""What every backend shares: the trial's spec, its outcome, the backend's interface, and the
+error that means "not the candidate's fault"."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from runner.sandbox.limits import LimitRequest, Limits
+
+Log = Callable[[str], None]
+
+TRAINING_FILES = ("manifest.json", "tokenizer.json", "token_bytes.npy", "train")  # never val/
+
+
+@dataclass
+class TrialSpec:
+    """Everything a backend needs to build, train and score one candidate."""
+
+    train_py: Path
+    data_dir: Path
+    budget: int                                  # training seconds (AUTORESEARCH_TIME_BUDGET)
+    run: str = "trial"                           # run name: labels, tags, container names
+    number: int = 0                              # experiment number within the run
+    seed: int = 0
+    gpu: str | None = None                       # one GPU id, or None for CPU
+    # A request is fitted to the machine that runs the trial (`runner.trial.run_trial`).
+    limits: Limits | LimitRequest = field(default_factory=Limits)
+    labels: dict[str, str] = field(default_factory=dict)   # extra image labels (git commit...)
+    artifact_dir: Path | None = None             # where model.pt2 is copied out, if anywhere
+    eval_tokens: int | None = None               # AUTORESEARCH_EVAL_TOKENS for the scorer (tests)
+    base_image: str | None = None                # docker: the base tag (default: the current one)
+    image: str | None = None                     # docker: rerun this experiment image, no build
+
+    @property
+    def fixed_limits(self) -> Limits:
+        """The limits a backend applies: they must have been resolved on this machine."""
+        if not isinstance(self.limits, Limits):
+            raise TypeError("resolve the spec's limits first (runner.sandbox.limits.resolve)")
+        return self.limits
+
+
+@dataclass
+class Outcome:
+    """What a backend found. `status` is ok (scored; the loop turns it into keep or discard),
+    crash, timeout, oom or invalid. `phases` holds wall seconds of build, train, score (and, for the
+    docker backend, the steps inside them); `summary` is the candidate's own `key: value`
+    summary: informative, never trusted for the decision."""
+
+    status: str
+    reason: str = ""
+    val_bpb: float | None = None
+    score: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, str] = field(default_factory=dict)
+    log_tail: str = ""
+    exit_code: int | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    image_tag: str | None = None
+    image_id: str | None = None
+    peak_memory_bytes: int | None = None
+    gpu: dict[str, Any] = field(default_factory=dict)   # NVML summary of the train phase
+    backend: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class InfrastructureError(RuntimeError):
+    """The trial could not run for reasons that are not the candidate's: no engine, no base
+    image, no data. The message says what to do."""
+
+
+def _none_swept(log: Log) -> int:
+    return 0
+
+
+def _none_aborted(run: str) -> int:
+    return 0
+
+
+def _as_it_is(spec: TrialSpec) -> TrialSpec:
+    return spec
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a trial runs on this machine, with its lifecycle:
+
+    - `run(spec, log) -> Outcome`: build, train and score one candidate (its `spec.limits`
+      already resolved); a candidate's failure is an Outcome, InfrastructureError is not;
+    - `sweep_orphans(log) -> int`: remove what runners that are gone left behind (at start);
+    - `abort(run) -> int`: stop this process's trials of `run` at once, from another thread
+      (Ctrl-C): each trial's `run` then returns or raises soon and cleans up after itself;
+    - `pin(spec) -> spec`: before a spec travels to another machine, fix here what must be
+      the same on every machine (docker: the base image tag).
+    """
+
+    name: str
+    run: Callable[[TrialSpec, Log], Outcome]
+    sweep_orphans: Callable[[Log], int] = _none_swept
+    abort: Callable[[str], int] = _none_aborted
+    pin: Callable[[TrialSpec], TrialSpec] = _as_it_is
+
+
+def training_view(data_dir: Path) -> list[Path]:
+    """The parts of a prepared data set a candidate may see: everything but the validation
+    split. Raises InfrastructureError when the data set is not there."""
+    if not (data_dir / "manifest.json").is_file():
+        raise InfrastructureError(
+            f"no prepared data in {data_dir}: run `autoresearch prepare` (or pass --data-dir)")
+    missing = [name for name in TRAINING_FILES if not (data_dir / name).exists()]
+    if missing or not (data_dir / "val").is_dir():
+        raise InfrastructureError(f"{data_dir} is incomplete ({', '.join(missing) or 'val/'} "
+                                  "missing): run `autoresearch prepare` again")
+    return [data_dir / name for name in TRAINING_FILES]
