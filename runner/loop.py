@@ -71,6 +71,7 @@ class LoopConfig:
     eval_tokens: int | None = None        # tests only
     agent_options: dict[str, Any] = field(default_factory=dict)
     trial: Callable[..., dict[str, Any]] | None = None   # run_trial, or a cluster's submit
+    track: tuple[str, ...] = ()           # trackers that get a copy of every record (tracking.py)
 
 
 @dataclass
@@ -206,6 +207,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
     lock = threading.RLock()                            # ledger, git, state
     work = run_dir / "candidates"
     trial_fn = cfg.trial or run_trial
+    from runner.tracking import open_tracking           # None without --track
+    tracking = open_tracking(cfg.track, cfg.tag, run_dir, ledger.records, diff=run.diff, log=log)
 
     def train(c: Candidate, gpu: str | None, seed: int | None = None) -> dict[str, Any]:
         path = work / f"{c.number}-{seed if seed is not None else c.seed}" / "train.py"
@@ -225,6 +228,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
 
     def append(rec: dict[str, Any]) -> None:
         ledger.append(rec)
+        if tracking is not None:                        # a copy, sent in the background
+            tracking.submit(rec)
         state.recent, state.total = ledger.records[-5:], len(ledger.records)
         state.running.pop(rec["number"], None)
         state.done += 1
@@ -468,6 +473,8 @@ def overnight(cfg: LoopConfig, observe: Observer = lambda s: None, log: Callable
             abort_own(cfg.tag)
         agent.shutdown(wait=False, cancel_futures=True)
         slots.shutdown(wait=True, cancel_futures=True)
+        if tracking is not None:                        # what is left: `autoresearch track`
+            tracking.close(timeout=60.0 if clean_exit else 5.0)
     try:                                                # progress.png and report.html
         from runner.report import write_report
         write_report(run_dir, run)
