@@ -581,9 +581,16 @@ def images_build(offline: bool | None, rebuild: bool) -> None:
 
     if offline is None:
         offline = img.default_offline()
+    import contextlib
+
+    from runner.progress import base_build_progress
+
     start = time.perf_counter()
+    follow = (base_build_progress() if offline     # phases, time left
+              else contextlib.nullcontext(lambda line: click.echo(line, err=True)))
     try:
-        tag = img.ensure_base(offline, rebuild=rebuild, log=lambda line: click.echo(line, err=True))
+        with follow as log:
+            tag = img.ensure_base(offline, rebuild=rebuild, log=log)
     except img.ImageError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{tag}  ({time.perf_counter() - start:.1f}s)")

@@ -365,11 +365,11 @@ def test_overnight_docker_run_tracked_to_mlflow_and_wandb(stores, project: Path,
                      repo_root=project, limits=small_limits(), eval_tokens=4096, max_experiments=3,
                      agent="search", track=("mlflow", "wandb"))
     logs: list[str] = []
+    import docker
+    cli = docker.from_env()
     try:
         ledger = overnight(cfg, log=logs.append)
     finally:
-        import docker
-        cli = docker.from_env()
         for image in cli.images.list(filters={"reference": f"autoresearch/exp:{tag}*"}):
             cli.images.remove(image.id, force=True)
     records = ledger.records
@@ -392,3 +392,25 @@ def test_overnight_docker_run_tracked_to_mlflow_and_wandb(stores, project: Path,
     assert parent.data.metrics["best_val_bpb"] == pytest.approx(ledger.best()["val_bpb"])
     state = json.loads((project / "runs" / tag / "tracking.json").read_text())
     assert all(sorted(ids) == sorted(r["id"] for r in records) for ids in state.values())
+
+    # The run resumed while the MLflow server is down: the loop goes on, says so once, and says
+    # how to send the rest; once MLflow is back, `track` back-fills the missed experiment.
+    down = pytest.MonkeyPatch()
+    down.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    down.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg.max_experiments = 4
+    logs.clear()
+    try:
+        ledger = overnight(cfg, log=logs.append)
+    finally:
+        down.undo()
+        for image in cli.images.list(filters={"reference": f"autoresearch/exp:{tag}*"}):
+            cli.images.remove(image.id, force=True)
+    assert [r["number"] for r in ledger.records] == [0, 1, 2, 3]
+    tracked = [line for line in logs if line.startswith("tracking:")]
+    assert len(tracked) == 2 and "mlflow failed" in tracked[0], logs
+    assert f"autoresearch track --tag {tag}" in tracked[1]
+    sent, left = backfill(["mlflow"], project / "runs" / tag, ledger.records, diff=real_diff)
+    assert (sent, left) == (1, 0)
+    check_mlflow(stores["uri"], ledger.records, tag=tag, diff=real_diff)
+    check_wandb(stores["wandb_dir"], ledger.records, tag=tag, diff=real_diff)
