@@ -167,7 +167,12 @@ class MLflowSink:
             from mlflow.tracking import MlflowClient
         except ImportError as e:
             raise TrackingError(f"--track mlflow needs MLflow: {EXTRA_HINT} ({e})") from None
+        import logging
+
         import mlflow
+        # MLflow's store logs each database error with a traceback, every retry; the failure
+        # is reported here, once. (Its INFO lines would also land in the live view.)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.tag = tag
         self.uri = mlflow.get_tracking_uri()
         self.experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"autoresearch/{tag}"
@@ -193,9 +198,14 @@ class MLflowSink:
             runs = client.search_runs([self._experiment_id],
                                       "tags.`autoresearch.kind` = 'summary' and "
                                       f"tags.`autoresearch.tag` = '{self.tag}'", max_results=1)
-            self._parent_id = runs[0].info.run_id if runs else client.create_run(
-                self._experiment_id, run_name=self.tag,
-                tags={"autoresearch.kind": "summary", "autoresearch.tag": self.tag}).info.run_id
+            if runs:
+                self._parent_id = runs[0].info.run_id
+                if runs[0].info.status != "RUNNING":              # the run resumed
+                    client.update_run(self._parent_id, status="RUNNING")
+            else:
+                self._parent_id = client.create_run(
+                    self._experiment_id, run_name=self.tag,
+                    tags={"autoresearch.kind": "summary", "autoresearch.tag": self.tag}).info.run_id
         return client
 
     def send(self, rec: Record, diff: DiffFn | None) -> None:

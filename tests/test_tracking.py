@@ -340,6 +340,19 @@ def test_backfill_reports_what_it_could_not_send(stores, monkeypatch):
     assert len(logs) == 1 and "mlflow failed" in logs[0]
 
 
+def test_cli_options():
+    from click.testing import CliRunner
+    from runner.cli import autoresearch
+    result = CliRunner().invoke(autoresearch, ["overnight", "--help"])
+    assert result.exit_code == 0 and "--track [mlflow|wandb]" in result.output
+    result = CliRunner().invoke(autoresearch, ["track", "--help"])
+    assert result.exit_code == 0 and "--to [mlflow|wandb]" in result.output
+    result = CliRunner().invoke(autoresearch, ["overnight", "--track", "tensorboard"])
+    assert result.exit_code == 2 and "tensorboard" in result.output
+    result = CliRunner().invoke(autoresearch, ["track", "--tag", "no-such-run", "--to", "mlflow"])
+    assert result.exit_code == 1 and "no-such-run" in result.output
+
+
 def test_check_names_the_extra():
     check(["mlflow", "wandb"])
     with pytest.raises(TrackingError, match="unknown tracker"):
