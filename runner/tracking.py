@@ -162,14 +162,12 @@ class MLflowSink:
     name = "mlflow"
 
     def __init__(self, tag: str):
+        import logging
         try:
-            import mlflow  # noqa: F401
+            import mlflow
             from mlflow.tracking import MlflowClient
         except ImportError as e:
             raise TrackingError(f"--track mlflow needs MLflow: {EXTRA_HINT} ({e})") from None
-        import logging
-
-        import mlflow
         # MLflow's store logs each database error with a traceback, every retry; the failure
         # is reported here, once. (Its INFO lines would also land in the live view.)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -180,6 +178,7 @@ class MLflowSink:
         self._client = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
+        self._summarised = False
 
     @property
     def destination(self) -> str:
@@ -244,7 +243,7 @@ class MLflowSink:
         self._summarised = True
 
     def close(self) -> None:
-        if getattr(self, "_summarised", False):
+        if self._summarised:
             self._summarised = False
             self._client.set_terminated(self._parent_id, "FINISHED")
 
