@@ -17,13 +17,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps python-deps engine prepare images overnight report test lint bench clean demo-local-llm
 
-# Everything the tests need, from a bare machine: system packages, the virtualenv, a running
-# Docker engine and the offline base image.
+# Everything the tests need, from a bare machine: system packages (Chromium for the report's
+# browser test), the virtualenv (with the tracking extra), a running Docker engine and the
+# offline base image.
 install: system-deps python-deps engine images
 
 python-deps: $(PY)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e '.[dev,cluster]'
+	$(PIP) install -e '.[dev,cluster,tracking]'
 
 # Start dockerd when no engine answers (machines without systemd, such as CI containers).
 engine:
@@ -42,6 +43,7 @@ system-deps:
 	command -v git >/dev/null 2>&1 || missing="$$missing git"; \
 	command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
 	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \

@@ -300,6 +300,10 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--cpus", type=float, default=None,
               help="CPU limit per trial (default: the cores of the machine that runs it, split between its slots).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True)
+@click.option("--track", "track", multiple=True, type=click.Choice(["mlflow", "wandb"]),
+              help="Also send every experiment to MLflow or Weights & Biases (repeat for both; "
+              "pip install 'autoresearch[tracking]'). Configured by their own variables: "
+              "MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...")
 def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
               temperature: float | None, max_tokens: int | None, budget: int | None,
               max_experiments: int | None, until: str | None,
@@ -307,7 +311,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
               slots: int | None, cluster: str | None, cluster_gpus: float,
               min_delta: float, noise_runs: int, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
-              cpus: float | None, eval_tokens: int | None) -> None:
+              cpus: float | None, eval_tokens: int | None, track: tuple[str, ...]) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
 
     The unmodified train.py runs first as the baseline. Each candidate is committed on branch
@@ -336,6 +340,12 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                 "API key in its usual variable) or --model openai/NAME --api-base URL.")
     if agent == "llm" and not model:
         raise click.UsageError("--agent llm needs --model (or AUTORESEARCH_MODEL)")
+    if track:
+        from runner.tracking import TrackingError, check
+        try:
+            check(track)
+        except TrackingError as exc:
+            raise click.UsageError(str(exc)) from None
     from runner.gpu import available, resolve_gpus
 
     if gpus and slots:
@@ -370,7 +380,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
                      gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
-                     eval_tokens=eval_tokens, executor=executor,
+                     eval_tokens=eval_tokens, executor=executor, track=tuple(track),
                      agent_options={k: v for k, v in (("temperature", temperature),
                                                       ("max_tokens", max_tokens)) if v is not None})
     if note := user_checkout_warning():
@@ -470,6 +480,46 @@ def report_cmd(tag: str | None, out_dir: Path | None, runs_dir: Path | None) -> 
     click.echo(page)
 
 
+@autoresearch.command("track", short_help="Send a run's experiments to MLflow or W&B (back-fill).")
+@click.option("--tag", default=None, metavar="TAG",
+              help="The run to send (default: the run whose ledger changed last).")
+@click.option("--to", "to", multiple=True, type=click.Choice(["mlflow", "wandb"]),
+              help="The tracker (repeat for both). Default: the ones the run was tracked to before.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              hidden=True, help="Where runs live (default: <repo>/runs).")
+def track_cmd(tag: str | None, to: tuple[str, ...], runs_dir: Path | None) -> None:
+    """Back-fill: send every experiment of a run's ledger that the tracker does not hold yet
+    (a run made before tracking was switched on, or while the tracker was down). Safe to
+    repeat: what was sent (runs/<tag>/tracking.json) is not sent again. Exits 1 when records
+    are left unsent.
+    """
+    from runner.loop import RUNS_DIR
+    from runner.report import load_records, resolve_run, run_repo_for
+    from runner.tracking import TrackingError, backfill, check, used_before
+
+    runs_dir = runs_dir or RUNS_DIR
+    try:
+        run_dir = resolve_run(runs_dir, tag)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    names = list(to) or used_before(run_dir)
+    if not names:
+        raise click.UsageError(f"run {run_dir.name} was never tracked: say where, "
+                               "--to mlflow and/or --to wandb")
+    try:
+        check(names)
+    except TrackingError as exc:
+        raise click.UsageError(str(exc)) from None
+    records = load_records(run_dir)
+    repo = run_repo_for(run_dir.name, runs_dir)
+    say = (lambda line: click.echo(line, err=True))
+    sent, left = backfill(names, run_dir, records, diff=repo.diff if repo else None, log=say)
+    click.echo(f"run {run_dir.name}: {len(records)} experiments; sent {sent} "
+               f"to {', '.join(names)}; {left} left unsent")
+    if left:
+        sys.exit(1)
+
+
 @autoresearch.group(short_help="Build and list the container images.")
 def images() -> None:
     """The base image every container runs from, and the per-experiment images.
@@ -498,9 +548,16 @@ def images_build(offline: bool | None, rebuild: bool) -> None:
 
     if offline is None:
         offline = img.default_offline()
+    import contextlib
+
+    from runner.progress import base_build_progress
+
     start = time.perf_counter()
+    follow = (base_build_progress() if offline     # phases, time left
+              else contextlib.nullcontext(lambda line: click.echo(line, err=True)))
     try:
-        tag = img.ensure_base(offline, rebuild=rebuild, log=lambda line: click.echo(line, err=True))
+        with follow as log:
+            tag = img.ensure_base(offline, rebuild=rebuild, log=log)
     except img.ImageError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{tag}  ({time.perf_counter() - start:.1f}s)")

@@ -71,6 +71,7 @@ class LoopConfig:
     eval_tokens: int | None = None        # tests only
     agent_options: dict[str, Any] = field(default_factory=dict)
     executor: Executor = field(default_factory=LocalTrials)   # where trials run
+    track: tuple[str, ...] = ()           # trackers that get a copy of every record (tracking.py)
 
     def __post_init__(self) -> None:
         # CPU slots of a local run share this machine: split it between them.
@@ -210,6 +211,9 @@ class Overnight:
         self.executor.sweep_orphans(log)
         self.agent: Propose = make_agent(cfg.agent, **self.agent_options())
         self.program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
+        from runner.tracking import open_tracking       # None without --track
+        self.tracking = open_tracking(cfg.track, cfg.tag, self.run_dir, self.ledger.records,
+                                      diff=self.repo.diff, log=log)
         # scheduling state
         self.measuring: list[Candidate] = []           # baseline and noise runs not yet recorded
         self.ready: list[Candidate] = []                # proposed, waiting for a slot
@@ -391,6 +395,8 @@ class Overnight:
 
     def append(self, rec: Record) -> None:
         self.ledger.append(rec)
+        if self.tracking is not None:                   # a copy, sent in the background
+            self.tracking.submit(rec)
         self.state.recent, self.state.total = self.ledger.records[-5:], len(self.ledger.records)
         self.state.running.pop(rec["number"], None)
         self.state.done += 1
@@ -453,6 +459,8 @@ class Overnight:
                 self.executor.abort(self.cfg.tag)
             self.agent_pool.shutdown(wait=False, cancel_futures=True)
             self.slots.shutdown(wait=True, cancel_futures=True)
+            if self.tracking is not None:               # what is left: `autoresearch track`
+                self.tracking.close(timeout=60.0 if clean_exit else 5.0)
         self.write_report()
         self.state.enter("done")
         self.state.message = self.why or "done"
