@@ -137,6 +137,8 @@ PYSOURCE_PIP_TARGET = [           # the interpreter and platform the pinned whee
 PYSOURCE_SUFFIXES  = (".py", ".pyi", ".pyx", ".pxd")
 PYSOURCE_MIN_BYTES = 200           # smaller source files are mostly empty __init__.py
 PYSOURCE_MAX_BYTES = 1_000_000     # larger ones are generated tables, not code
+PYSOURCE_VENDORED  = {"_vendor", "vendor", "_vendored", "vendored", "extern", "_extern",
+                      "externals", "_externals", "third_party", "_third_party"}  # folders skipped
 CLIMBMIX_URL       = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542          # the last ClimbMix shard is the pinned validation shard
 SHARD_NAME         = "shard_{:05d}.parquet"
@@ -290,8 +292,9 @@ def fetch_pysource(cache: Path) -> list[Path]:
 
 def pysource_docs(cache: Path) -> Iterator[tuple[str, str]]:
     """Every Python source file of the pinned wheels, in wheel and member order: UTF-8 files of
-    PYSOURCE_MIN_BYTES to PYSOURCE_MAX_BYTES, each distinct content once (vendored copies and
-    stubs shared between projects are dropped)."""
+    PYSOURCE_MIN_BYTES to PYSOURCE_MAX_BYTES, each distinct content once. Code a project
+    vendors (PYSOURCE_VENDORED folders) is skipped: it comes under the vendored project's
+    licence, not the wheel's, and the same package is often vendored more than once."""
     seen: set[bytes] = set()
     for path in fetch_pysource(cache):
         dist = "-".join(path.name.split("-")[:2])
@@ -300,7 +303,8 @@ def pysource_docs(cache: Path) -> Iterator[tuple[str, str]]:
                 members = sorted(
                     (m for m in whl.infolist()
                      if not m.is_dir() and m.filename.endswith(PYSOURCE_SUFFIXES)
-                     and PYSOURCE_MIN_BYTES <= m.file_size <= PYSOURCE_MAX_BYTES),
+                     and PYSOURCE_MIN_BYTES <= m.file_size <= PYSOURCE_MAX_BYTES
+                     and not PYSOURCE_VENDORED.intersection(m.filename.split("/")[:-1])),
                     key=lambda m: m.filename)
                 for m in members:
                     raw = whl.read(m)

@@ -190,7 +190,8 @@ def fake_pysource(tmp_path: Path, monkeypatch) -> Path:
         "alpha/__init__.py": b"",                                      # under the minimum: dropped
         "alpha/core.py": fake_source(1).encode(),
         "alpha/long.py": long.encode(),
-        "alpha/vendored/six.py": shared,
+        "alpha/compat/six.py": shared,
+        "alpha/_vendor/lib/core.py": fake_source(4).encode(),   # vendored: another licence
         "alpha/data.json": b'{"not": "source"}' * 40,                 # not a source suffix
         "alpha/latin1.py": ("# caf\xe9\n" * 60).encode("latin-1"),    # not UTF-8: dropped
         "alpha/table.py": b"X = 1\n" * 40_000,                        # over the maximum: dropped
@@ -198,7 +199,7 @@ def fake_pysource(tmp_path: Path, monkeypatch) -> Path:
     })
     two = make_wheel(cache / "pysource" / "beta-2.0-cp311-cp311-manylinux_2_28_x86_64.whl", {
         "beta/stubs.pyi": fake_source(2).encode(),
-        "beta/_vendor/six.py": shared,                                 # same content: once only
+        "beta/six.py": shared,                                         # same content: once only
         "beta/ext.pyx": fake_source(3).encode(),
     } | {f"beta/mod{i}.py": fake_source(10 + i).encode() for i in range(12)})
     monkeypatch.setattr(P, "PYSOURCE_WHEELS", (one, two))
@@ -214,8 +215,8 @@ def test_pysource_reads_each_source_file_once(fake_pysource: Path):
     docs = list(P.pysource_docs(fake_pysource))
     names = [n for n, _ in docs]
     files = sorted({n.split("#")[0] for n in names})
-    assert files == ["alpha-1.0/alpha/core.py", "alpha-1.0/alpha/long.py",
-                     "alpha-1.0/alpha/vendored/six.py", "beta-2.0/beta/ext.pyx"] + \
+    assert files == ["alpha-1.0/alpha/compat/six.py", "alpha-1.0/alpha/core.py",
+                     "alpha-1.0/alpha/long.py", "beta-2.0/beta/ext.pyx"] + \
         [f"beta-2.0/beta/mod{i}.py" for i in sorted(range(12), key=str)] + ["beta-2.0/beta/stubs.pyi"]
     assert sum(1 for n in names if n.startswith("alpha-1.0/alpha/long.py#")) >= 2
     text = {n: t for n, t in docs}
