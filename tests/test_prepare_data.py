@@ -7,6 +7,7 @@ import io
 import subprocess
 import json
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -152,6 +153,129 @@ def test_shakespeare_default_source(tmp_path_factory):
     proc = run_prepare("data", "--data-dir", str(tmp_path_factory.mktemp("x") / "d"),
                        "--cache-dir", str(cache), "--vocab-size", "1000")
     assert proc.returncode == 1 and "sha256" in proc.stderr
+
+
+# ---- pysource (pinned wheels through pip; tested on small fake wheels, no download) ---------
+
+def fake_source(seed: int, functions: int = 40) -> str:
+    """Python-looking source: a docstring, then functions with comments and arithmetic."""
+    rng = np.random.default_rng(seed)
+    lines = [f'"""Module {seed}: ' + " ".join(rng.choice(WORDS, size=12)) + '."""', ""]
+    for f in range(functions):
+        args = ", ".join(rng.choice(WORDS[:40], size=2))
+        lines += [f"def {rng.choice(WORDS[40:])}_{seed}_{f}(x, y):",
+                  f"    # {' '.join(rng.choice(WORDS, size=8))}",
+                  f"    return x * {int(rng.integers(2, 99))} + y  # {args}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def make_wheel(path: Path, members: dict[str, bytes]) -> tuple[str, str]:
+    """A wheel-shaped zip at `path`; returns its (file name, sha256) pin."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path.name, hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+@pytest.fixture
+def fake_pysource(tmp_path: Path, monkeypatch) -> Path:
+    """Two fake wheels in the cache, pinned in place of the real ones; pip must not run."""
+    cache = tmp_path / "cache"
+    shared = fake_source(99).encode()
+    long = "\n\n".join(fake_source(50 + i) for i in range(8))        # over DOC_CHARS: split
+    one = make_wheel(cache / "pysource" / "alpha-1.0-py3-none-any.whl", {
+        "alpha/__init__.py": b"",                                      # under the minimum: dropped
+        "alpha/core.py": fake_source(1).encode(),
+        "alpha/long.py": long.encode(),
+        "alpha/compat/six.py": shared,
+        "alpha/_vendor/lib/core.py": fake_source(4).encode(),   # vendored: another licence
+        "alpha/data.json": b'{"not": "source"}' * 40,                 # not a source suffix
+        "alpha/latin1.py": ("# caf\xe9\n" * 60).encode("latin-1"),    # not UTF-8: dropped
+        "alpha/table.py": b"X = 1\n" * 40_000,                        # over the maximum: dropped
+        "alpha-1.0.dist-info/METADATA": b"Name: alpha\n" * 30,
+    })
+    two = make_wheel(cache / "pysource" / "beta-2.0-cp311-cp311-manylinux_2_28_x86_64.whl", {
+        "beta/stubs.pyi": fake_source(2).encode(),
+        "beta/six.py": shared,                                         # same content: once only
+        "beta/ext.pyx": fake_source(3).encode(),
+    } | {f"beta/mod{i}.py": fake_source(10 + i).encode() for i in range(12)})
+    monkeypatch.setattr(P, "PYSOURCE_WHEELS", (one, two))
+    monkeypatch.setattr(P, "PYSOURCE_MAX_BYTES", 100_000)
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError(f"pip ran: {args}")
+    monkeypatch.setattr(P.subprocess, "run", no_pip)
+    return cache
+
+
+def test_pysource_reads_each_source_file_once(fake_pysource: Path):
+    docs = list(P.pysource_docs(fake_pysource))
+    names = [n for n, _ in docs]
+    files = sorted({n.split("#")[0] for n in names})
+    assert files == ["alpha-1.0/alpha/compat/six.py", "alpha-1.0/alpha/core.py",
+                     "alpha-1.0/alpha/long.py", "beta-2.0/beta/ext.pyx"] + \
+        [f"beta-2.0/beta/mod{i}.py" for i in sorted(range(12), key=str)] + ["beta-2.0/beta/stubs.pyi"]
+    assert sum(1 for n in names if n.startswith("alpha-1.0/alpha/long.py#")) >= 2
+    text = {n: t for n, t in docs}
+    assert text["alpha-1.0/alpha/core.py"] == fake_source(1)
+    assert "".join(t for n, t in docs if n.startswith("alpha-1.0/alpha/long.py")).split() == \
+        "\n\n".join(fake_source(50 + i) for i in range(8)).split()
+    assert docs == list(P.pysource_docs(fake_pysource))                 # deterministic order
+
+
+def test_pysource_refuses_a_wheel_that_does_not_match_its_pin(fake_pysource: Path):
+    wheel = fake_pysource / "pysource" / P.PYSOURCE_WHEELS[1][0]
+    wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    with pytest.raises(P.DataError, match="sha256 .* expected .* delete it"):
+        list(P.pysource_docs(fake_pysource))
+
+
+def test_pysource_fetches_missing_wheels_with_pip(fake_pysource: Path, monkeypatch):
+    folder = fake_pysource / "pysource"
+    payload = {name: (folder / name).read_bytes() for name, _ in P.PYSOURCE_WHEELS}
+    (folder / P.PYSOURCE_WHEELS[1][0]).unlink()
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for name, data in payload.items():
+            if P.wheel_requirement(name) in cmd:
+                (dest / name).write_bytes(data)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(P.subprocess, "run", fake_pip)
+    assert [p.name for p in P.fetch_pysource(fake_pysource)] == [n for n, _ in P.PYSOURCE_WHEELS]
+    (cmd,) = calls
+    assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "beta==2.0" in cmd and "alpha==1.0" not in cmd              # only what is missing
+    assert all(arg in cmd for arg in P.PYSOURCE_PIP_TARGET)
+    assert not list(folder.glob("tmp*"))                                 # no staging left behind
+
+    # A package the index does not have: one line naming it, nothing left in the cache.
+    (folder / P.PYSOURCE_WHEELS[1][0]).unlink()
+    monkeypatch.setattr(P.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: No matching distribution found for beta==2.0\n"))
+    with pytest.raises(P.DataError, match=r"could not download beta==2.0 with pip: ERROR: No match"):
+        P.fetch_pysource(fake_pysource)
+    assert not (folder / P.PYSOURCE_WHEELS[1][0]).exists()
+
+
+def test_pysource_build_and_rerun(fake_pysource: Path, tmp_path: Path):
+    out = tmp_path / "data"
+    manifest = P.prepare_data("pysource", out, vocab_size=400, cache=fake_pysource)
+    assert manifest["dataset"] == "pysource"
+    pins = "".join(f"{n} {s}\n" for n, s in P.PYSOURCE_WHEELS)
+    assert manifest["settings"]["wheels_sha256"] == hashlib.sha256(pins.encode()).hexdigest()
+    assert manifest["train_docs"] > manifest["val_docs"] >= 1
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    val = np.load(out / "val" / "val.npy")
+    assert "def " in tok.decode([int(i) for i in val[:400] if i != manifest["bos_id"]])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert P.prepare_data("pysource", out, vocab_size=400, cache=fake_pysource) == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 # ---- parquet over HTTP ----------------------------------------------------------------------
