@@ -787,7 +787,7 @@ SAFE_TORCH_SYM = {"sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_
 SAFE_MATH = {"ceil", "floor", "trunc", "sqrt"}
 SAFE_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
 UNSAFE_ATEN = {"from_file", "save"}                  # the aten ops that touch the file system
-SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Float", "Mul", "Add", "Pow", "Mod", "FloorDiv",
+SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Mul", "Add", "Mod", "FloorDiv",
                "CeilDiv", "CleanDiv", "PythonMod", "Max", "Min", "Abs", "TruncToInt",
                "FloorToInt", "CeilToInt", "RoundToInt", "IntTrueDiv", "FloatTrueDiv", "ToFloat",
                "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo",
@@ -957,8 +957,12 @@ def check_target(target: Any) -> None:
 
 
 def check_sympy(expr: Any) -> None:
+    """Only names, small numbers and arithmetic that sympy evaluates quickly: no powers (an
+    exact 9**9**9 holds the interpreter for hours) and no floats of chosen precision."""
     if not isinstance(expr, str) or len(expr) > 2000:
         raise Invalid("a shape expression is not a short string")
+    if "**" in expr:
+        raise Invalid(f"shape expression {expr[:80]!r} raises to a power")
     pos = 0
     while pos < len(expr):
         m = SYMPY_TOKEN.match(expr, pos)
@@ -992,30 +996,53 @@ def check_pytree_spec(spec: Any) -> None:
                 walk(v)
     try:
         walk(json.loads(spec))
-    except (TypeError, ValueError):
-        raise Invalid("a pytree spec is not JSON") from None
+    except (TypeError, ValueError, RecursionError):
+        raise Invalid("a pytree spec is not JSON, or nested too deeply") from None
+
+
+NAME = re.compile(r"[A-Za-z_][\w.]{0,199}|")     # names torch puts into generated source
+WORD = re.compile(r"[\w.+\-]{0,64}")              # versions, verifier names, string arguments
+FREE_TEXT = ("metadata",)                         # stack traces and such: data, never code
 
 
 def check_model_json(tree: Any) -> None:
     """Walk the serialized program: every operator, shape expression and pytree spec must be
-    one that a plain exported model uses; custom objects are refused outright."""
-    stack = [tree]
+    one that a plain exported model uses; custom objects are refused outright; and every
+    other string is a plain name, because torch writes names of nodes, arguments and inputs
+    into Python source that it compiles (a name like `idx, q=<code>` would run code)."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("graph_module"), dict):
+        raise Invalid("the program has no graph")
+    stack: list[tuple[Any, str, bool]] = [(tree, "", False)]
     while stack:
-        node = stack.pop()
+        node, parent, free = stack.pop()
         if isinstance(node, dict):
             for key, value in node.items():
+                if not isinstance(key, str) or not (free or NAME.fullmatch(key)):
+                    raise Invalid(f"the program has a key {str(key)[:60]!r}")
                 if "custom_obj" in key or "opaque" in key or "script_obj" in key:
                     if value not in (None, [], {}):
                         raise Invalid(f"the program carries a custom object ({key})")
                 elif key in ("target", "as_operator"):
                     check_target(value)
+                    continue
                 elif key == "expr_str":
                     check_sympy(value)
+                    continue
                 elif key in ("in_spec", "out_spec"):
                     check_pytree_spec(value)
-                stack.append(value)
+                    continue
+                elif key == "guards_code":
+                    continue                           # cleared before loading (check_members)
+                stack.append((value, key, free or key in FREE_TEXT))
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((item, parent, free) for item in node)
+        elif isinstance(node, str):
+            if free:
+                continue
+            pattern = WORD if parent in ("as_string", "torch_version", "verifiers",
+                                         "schema_version") else NAME
+            if not pattern.fullmatch(node):
+                raise Invalid(f"the program has a string {node[:60]!r} where a name belongs")
 
 
 def parse_json(raw: bytes, name: str) -> Any:
@@ -1093,6 +1120,7 @@ def check_members(members: dict[str, bytes]) -> dict[str, bytes]:
         raise Invalid(f"archive member {unused[0]!r} is not referenced by any config")
     tree = parse_json(members[f"models/{model}.json"], "the program")
     check_model_json(tree)
+    tree["guards_code"] = []          # input guards torch would compile: the scorer needs none
     out[f"models/{model}.json"] = json.dumps(tree).encode()
     return out
 
@@ -1159,7 +1187,7 @@ def check_program(ep) -> None:
     constant or input, no tokens, no custom objects; after functionalisation no in-place op
     and no random op (the generator's state would let calls tell each other apart)."""
     import torch
-    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
     sig = ep.graph_signature
     if len(sig.user_inputs) != 1 or len(sig.user_outputs) != 1:
         raise Invalid(f"the program must take one input and return one tensor, it takes "
@@ -1169,7 +1197,8 @@ def check_program(ep) -> None:
         raise Invalid(f"the program mutates state while it runs ({', '.join(kinds)})")
     allowed_in = {InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER,
                   InputKind.CONSTANT_TENSOR}
-    if any(s.kind not in allowed_in for s in sig.input_specs):
+    if any(s.kind not in allowed_in or not isinstance(s.arg, TensorArgument)
+           for s in sig.input_specs):
         raise Invalid("the program takes inputs other than tensors and the token ids")
     random_tag = getattr(torch.Tag, "nondeterministic_seeded", None)
     graphs = [ep.graph_module]
@@ -1184,8 +1213,12 @@ def check_program(ep) -> None:
                 continue
             t = node.target
             if isinstance(t, torch._ops.OpOverload):
-                if t.namespace != "aten" or t._schema.name.split("::")[-1] in UNSAFE_ATEN:
+                base = t._schema.name.split("::")[-1]
+                if t.namespace != "aten" or base in UNSAFE_ATEN:
                     raise Invalid(f"graph calls {t}")
+                if "empty" in base or "resize" in base:
+                    # memory that is not written holds what an earlier call left behind
+                    raise Invalid(f"graph calls {t}, which returns uninitialised memory")
                 if t._schema.is_mutable:
                     raise Invalid(f"the program mutates state while it runs ({t})")
                 if random_tag is not None and random_tag in t.tags and not no_dropout(node, t):
@@ -1235,7 +1268,7 @@ def load_program(path: Path, device: str):
         raise Invalid(f"torch.export.load failed: {type(e).__name__}: {str(e)[:200]}") from None
     check_program(ep)
     try:
-        model = ep.module()
+        model = ep.module(check_guards=False)      # no generated guard code (see check_members)
         model.to(device)
     except Exception as e:
         raise Invalid(f"cannot place the program on {device}: {type(e).__name__}: {str(e)[:200]}") from None
@@ -1246,22 +1279,26 @@ def load_program(path: Path, device: str):
 # Scoring, part 3: bits per byte from the logits, causality checked on the scored calls
 # ------------------------------------------------------------------------------------------
 # The model is a pure function of its input (part 2), so all it can know about a call is the
-# tokens in it. Scored batches are run a second time with every row spliced at a random cut c:
-# tokens from c on are replaced by the real text of another row of the same batch (never
-# random tokens, which a model could recognise), and the logits before c must equal those of
-# the scored run. A model whose logit at position p depends on a later token is caught whenever
-# a cut falls just after p. Neither the cut nor which batches get spliced can be known when the
-# scored run is made, so a model that looks ahead at a share f of all scored positions escapes
-# n cuts with probability at most about (1 - f)^n, however it spreads its look-aheads over
-# rows, batches and positions. n = max(MIN_CAUSAL_CUTS, min(rows scored, CAUSAL_CUTS)):
-# every row once for evaluations up to CAUSAL_CUTS rows, a random half of the batches at the
-# default EVAL_TOKENS (4096 rows, n = 2048: f = 1% escapes with ~1e-9, f = 0.5% with ~3e-5,
-# for half a forward pass more; measured in bench/RESULTS.md), and several passes per batch
-# for tiny evaluations (tests, CPU runs: n = 256, f = 5% escapes with ~2e-6, f = 1% with ~8%).
-# The first batch is also run twice unchanged: the logits must be identical. A model that
-# looks ahead at very few positions can get through, but it gains at most on those positions.
+# tokens in it. Scored batches are run a second time with their rows spliced (see splice):
+# most rows at a random cut c, from which on they hold the real text of a row of another batch
+# (never random tokens, which a model could recognise; never its own batch, whose rows would
+# carry each row's true continuation into the call), and the logits before c must equal those
+# of the scored run. A model whose logit at position p depends on a later token is caught
+# whenever a cut falls just after p. Neither the cuts nor which batches get spliced can be
+# known when the scored run is made, so a model that looks ahead at a share f of all scored
+# positions escapes n cuts with probability at most about (1 - f)^n, however it spreads its
+# look-aheads over rows, batches and positions. Rows left untouched or replaced whole in the
+# spliced run catch a row that reads other rows of its batch. With r = max(MIN_CAUSAL_CUTS,
+# min(rows scored, CAUSAL_CUTS)) rows spliced, n is about 3/4 r: at the default EVAL_TOKENS
+# (4096 rows, r = 2048, a random half of the batches, half a forward pass more) n ~ 1536 and
+# f = 1% escapes with ~2e-7, f = 0.5% with ~5e-4; tiny evaluations (tests, CPU runs) splice
+# at least 256 rows (n ~ 192: f = 5% escapes with ~5e-5, f = 1% with ~15%). The first batch is
+# also run twice unchanged: the logits must be identical. Logits must be finite and under
+# MAX_LOGIT, so no difference can overflow. A model that looks ahead at very few positions can
+# get through, but it gains at most on those positions.
 
 SCORE_MATMUL_PRECISION = "high"    # float32 matmuls on a GPU: TF32 ("highest": full float32)
+MAX_LOGIT           = 1e4          # a larger logit is refused (softmax is shift-invariant)
 MIN_CAUSAL_CUTS     = 256          # rows spliced at least, however few windows are scored
 CAUSAL_CUTS         = 2048         # rows spliced at most (unless MIN_CAUSAL_CUTS needs more)
 SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading the archive ...
@@ -1286,6 +1323,8 @@ def run_model(model, x, vocab_size: int):
     out = out.float()
     if not torch.isfinite(out).all():
         raise Invalid("logits contain NaN or inf")
+    if out.abs().max() > MAX_LOGIT:          # differences of huge logits overflow to inf
+        raise Invalid(f"logits exceed {MAX_LOGIT:g} in magnitude")
     return out
 
 
@@ -1316,32 +1355,45 @@ def score_time_limit(windows: int, device: str) -> float:
     return SCORE_BASE_SECONDS + forward_tokens / rate
 
 
-def splice(x, rng: np.random.Generator):
-    """Each row of `x` [B, T] with its tokens from a random cut on replaced by the same
-    positions of another row; the cut is where the two rows differ, so the first replaced
-    token is really different. Returns (spliced, cuts); a cut of 0 means the row is unchanged."""
+def splice(x, rng: np.random.Generator, donors=None):
+    """Each row of `x` [B, T] spliced with the real text of a donor row (a row of `donors`, a
+    batch of other windows, or of `x` itself when there is no other batch): 3/4 of the rows
+    from a random cut c in 1..T-1 on, where the two rows differ (so the first replaced token
+    really changes), 1/8 replaced whole (c = 0), 1/8 left as they are (c = T: every logit of
+    the row is compared, which catches a row that reads the changed rows of its batch).
+    Returns (spliced, cuts): the logits of row r before cuts[r] must not change."""
     import torch
     B, T = x.shape
-    shift = int(rng.integers(1, B)) if B > 1 else 0
-    donor = torch.roll(x, shifts=shift, dims=0) if B > 1 else torch.roll(x, shifts=T // 2, dims=1)
+    if donors is None:
+        shift = int(rng.integers(1, B)) if B > 1 else 0
+        donor = torch.roll(x, shifts=shift, dims=0) if B > 1 else torch.roll(x, shifts=T // 2, dims=1)
+    else:
+        donor = donors[torch.as_tensor(rng.permutation(B), device=x.device)]
     differ = (donor != x).cpu().numpy()
-    cuts = np.zeros(B, dtype=np.int64)
+    cuts = np.full(B, T, dtype=np.int64)
     spliced = x.clone()
     for r in range(B):
-        where = np.flatnonzero(differ[r, 1:]) + 1        # cut >= 1: something is compared
-        if len(where):
-            c = int(where[rng.integers(len(where))])
-            cuts[r] = c
-            spliced[r, c:] = donor[r, c:]
+        mode = rng.random()
+        if mode < 0.125:
+            continue                                   # untouched
+        if mode < 0.25:
+            cuts[r] = 0
+        else:
+            where = np.flatnonzero(differ[r, 1:]) + 1
+            if not len(where):
+                continue
+            cuts[r] = int(where[rng.integers(len(where))])
+        spliced[r, cuts[r]:] = donor[r, cuts[r]:]
     return spliced, cuts
 
 
 def check_prefixes(a, b, cuts: np.ndarray) -> float:
-    """Largest change of the logits before each row's cut."""
+    """Largest change of the logits before each row's cut (nan if any is not a number)."""
     import torch
     T = a.shape[1]
     before = torch.arange(T, device=a.device)[None, :] < torch.as_tensor(cuts, device=a.device)[:, None]
-    return float(((a - b).abs().amax(dim=-1) * before).max().item())
+    change = torch.where(before[..., None], (a - b).abs(), torch.zeros((), device=a.device))
+    return float(change.max().item())
 
 
 def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
@@ -1373,20 +1425,27 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
     nbytes = torch.zeros((), dtype=torch.int64, device=device)
     counted = torch.zeros((), dtype=torch.int64, device=device)
     cuts_checked, check_s, first = 0, 0.0, None
-    for k in range(per_batch):
+    def batch_rows(k: int):
         rows = np.stack([val[w * SEQ_LEN:w * SEQ_LEN + SEQ_LEN + 1]
                          for w in range(k, windows, per_batch)]).astype(np.int64)
-        rows = torch.from_numpy(rows).to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
+        return torch.from_numpy(rows).to(device)
+
+    for k in range(per_batch):
+        rows = batch_rows(k)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:]
         logits = run_model(model, x, vocab_size)
         tc = time.time()
         for _ in range(plan[k]):
-            spliced, cuts = splice(x, rng)
+            # Donor text from another batch: a donor row of the same batch would put each
+            # row's own continuation into the spliced call, where a model could look for it.
+            other = (k + 1 + int(rng.integers(per_batch - 1))) % per_batch if per_batch > 1 else None
+            donors = batch_rows(other)[:, :-1] if other is not None else None
+            spliced, cuts = splice(x, rng, donors)
             diff = check_prefixes(logits, run_model(model, spliced, vocab_size), cuts)
-            if diff > CAUSAL_TOL:
+            if not diff <= CAUSAL_TOL:
                 raise Invalid(f"the model is not causal: replacing later tokens with other real "
                               f"text moved earlier logits by {diff:.3g}")
-            cuts_checked += int((cuts > 0).sum())
+            cuts_checked += int(((cuts > 0) & (cuts < SEQ_LEN)).sum())
         if first is None:
             first = (x, logits)
         check_s += time.time() - tc
@@ -1400,7 +1459,7 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
     tc = time.time()
     x, logits = first
     again = (run_model(model, x, vocab_size) - logits).abs().max().item()
-    if again > CAUSAL_TOL:
+    if not again <= CAUSAL_TOL:
         raise Invalid(f"the model is not a pure function: the same input gave logits "
                       f"{again:.3g} apart on a second call")
     check_s += time.time() - tc

@@ -660,7 +660,7 @@ def test_models_that_look_ahead_or_keep_state_are_invalid(kind, tmp_path, small_
     if kind == "uniform":
         assert rec["status"] == "ok", rec
         assert rec["val_bpb"] == pytest.approx(rec["score"]["uniform_bpb"], rel=1e-6)
-        assert rec["score"]["causal_checks"] >= 256
+        assert rec["score"]["causal_checks"] >= 150          # about 3/4 of the 256 spliced rows are cut
         return
     assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
     assert attack_models.ATTACKS[kind] in rec["reason"], rec["reason"]

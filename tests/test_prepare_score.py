@@ -472,17 +472,23 @@ def test_splice_plan_spreads_cuts_over_batches():
 def test_cuts_cover_every_position_and_splice_real_text():
     rng = np.random.default_rng(0)
     x = torch.arange(4 * 64).reshape(4, 64)
-    seen = set()
-    for _ in range(400):
-        spliced, cuts = P.splice(x, rng)
+    donors = torch.arange(4 * 64, 8 * 64).reshape(4, 64)     # another batch's rows
+    seen, modes = set(), {"cut": 0, "whole": 0, "untouched": 0}
+    for _ in range(800):
+        spliced, cuts = P.splice(x, rng, donors)
         for r, c in enumerate(cuts):
-            assert 1 <= c < 64
+            assert 0 <= c <= 64
             assert torch.equal(spliced[r, :c], x[r, :c])
-            assert spliced[r, c] != x[r, c]
-            donor = [d for d in range(4) if d != r and torch.equal(spliced[r, c:], x[d, c:])]
-            assert donor, "the replaced suffix is another row's real text"
+            if c == 64:
+                modes["untouched"] += 1
+                continue
+            modes["whole" if c == 0 else "cut"] += 1
+            assert any(torch.equal(spliced[r, c:], donors[d, c:]) for d in range(4)), \
+                "the replaced suffix is real text of the other batch"
             seen.add(int(c))
-    assert seen == set(range(1, 64))
+    assert seen == set(range(0, 64))
+    total = sum(modes.values())
+    assert 0.08 < modes["untouched"] / total < 0.17 and 0.08 < modes["whole"] / total < 0.17
 
 
 def test_dropout_switched_off_is_honest(small_data, tmp_path):
@@ -496,7 +502,7 @@ def test_dropout_switched_off_is_honest(small_data, tmp_path):
 def test_honest_model_reports_its_checks(small_data, tmp_path):
     result = score_cli(export(Constant(vocab(small_data)), tmp_path / "m.pt2"), small_data)
     assert result["status"] == "ok"
-    assert result["causal_checks"] >= P.MIN_CAUSAL_CUTS
+    assert result["causal_checks"] >= 0.6 * P.MIN_CAUSAL_CUTS          # 3/4 of the spliced rows are cut
     assert result["check_seconds"] >= 0
 
 
@@ -535,12 +541,13 @@ def synthetic_data(folder: Path, V: int = 16) -> Path:
 
 
 def test_a_one_percent_peek_is_caught_at_the_default_evaluation(tmp_path, monkeypatch):
-    """At the default EVAL_TOKENS, CAUSAL_CUTS (2048) of the 4096 scored rows get a cut, so a
-    model that looks ahead at 1% of positions escapes with probability ~(0.99)^2048 ~ 1e-9."""
+    """At the default EVAL_TOKENS, CAUSAL_CUTS (2048) of the 4096 scored rows are spliced,
+    about 1536 of them at a cut, so a model that looks ahead at 1% of positions escapes with
+    probability ~(0.99)^1536 ~ 2e-7."""
     monkeypatch.delenv("AUTORESEARCH_EVAL_TOKENS")
     data = synthetic_data(tmp_path / "data")
     honest = P.score(export(Constant(16), tmp_path / "honest.pt2"), data, "cpu")
-    assert honest["status"] == "ok" and honest["causal_checks"] >= 0.99 * P.CAUSAL_CUTS, honest
+    assert honest["status"] == "ok" and honest["causal_checks"] >= 0.7 * P.CAUSAL_CUTS, honest
     cheat = Path(A.export(A.build("peek-random-1", 16), str(tmp_path / "cheat.pt2")))
     with pytest.raises(P.Invalid, match="not causal"):
         P.score(cheat, data, "cpu")
