@@ -34,7 +34,7 @@ import functools
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 KEEP, DISCARD, RERUN = "keep", "discard", "rerun"
 ALPHA = 0.05                      # the stated false-keep rate, per decision
@@ -145,30 +145,26 @@ class Noise:
                 "n_seeds": len(self.seeds), "n_same_seed": len(self.same_seed)}
 
 
-def noise_of(records: Sequence[dict[str, Any]]) -> Noise | None:
+def noise_of(records: Sequence[Mapping[str, Any]]) -> Noise | None:
     """The latest noise measurement in a run's records: the scored baseline and noise runs of
-    the commit measured last. A run with seed equal to the first run's seed of that commit is a
-    same-seed rerun. None when nothing was measured."""
+    the commit measured last. Runs marked `same_seed` repeat a seed of that commit; the others
+    are one seed each. None when nothing was measured."""
     runs = [r for r in records if r.get("role") in ("baseline", "noise")]
     if not runs:
         return None
     commit = runs[-1].get("commit")
     mine = [r for r in runs if r.get("commit") == commit
             and isinstance(r.get("val_bpb"), (int, float))]
-    noise = Noise(commit)
-    if not mine:
-        return noise
-    first_seed = mine[0].get("seed")
-    for r in mine:
-        if r.get("seed") == first_seed:
-            noise.same_seed.append(float(r["val_bpb"]))
-        else:
-            noise.seeds.append(float(r["val_bpb"]))
-    noise.seeds.insert(0, noise.same_seed[0])               # the first run counts once as a seed
+    seeds = [r for r in mine if not r.get("same_seed")]
+    again = [r for r in mine if r.get("same_seed")]
+    noise = Noise(commit, seeds=[float(r["val_bpb"]) for r in seeds])
+    if again:
+        seed = again[0].get("seed")
+        noise.same_seed = [float(r["val_bpb"]) for r in seeds + again if r.get("seed") == seed]
     return noise
 
 
-def rerun_share(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
+def rerun_share(records: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
     """(seconds of trial time spent on reruns, seconds of all trials) in a run's records."""
     reruns = total = 0.0
     for r in records:

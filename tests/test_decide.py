@@ -31,7 +31,7 @@ def test_pooled_sd_ignores_single_runs():
 def test_noise_of_splits_same_seed_from_other_seeds():
     recs = [{"role": "baseline", "commit": "a", "seed": 0, "val_bpb": 1.00},
             {"role": "noise", "commit": "a", "seed": 1001, "val_bpb": 1.02},
-            {"role": "noise", "commit": "a", "seed": 0, "val_bpb": 1.001},
+            {"role": "noise", "commit": "a", "seed": 0, "val_bpb": 1.001, "same_seed": True},
             {"role": "noise", "commit": "a", "seed": 1002, "val_bpb": None},   # failed
             {"role": "candidate", "commit": "b", "seed": 0, "val_bpb": 0.5}]
     noise = decide.noise_of(recs)
