@@ -11,6 +11,7 @@ import math
 from datetime import datetime
 from typing import Any, Iterable
 
+from runner.decide import noise_of, rerun_share
 from runner.record import FAILED, KEEP, Record
 
 def finite(value: Any) -> float | None:
@@ -88,6 +89,11 @@ def summary(records: list[Record]) -> dict[str, Any]:
     walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
     base_bpb = bpb_of(baseline) if baseline else None
     best_bpb = bpb_of(best) if best else None
+    try:
+        noise = noise_of(ordered)
+        reruns, trials = rerun_share(ordered)
+    except (TypeError, ValueError):             # a hand-edited ledger must not break a report
+        noise, reruns, trials = None, 0.0, 0.0
     return {
         "experiments": len(ordered),
         "kept": len(kept),
@@ -107,7 +113,37 @@ def summary(records: list[Record]) -> dict[str, Any]:
         "first": dates[0] if dates else None,
         "last": dates[-1] if dates else None,
         "wall_seconds": sum(walls),
+        "noise": noise,
+        "rerun_seconds": reruns,
+        "rerun_share": reruns / trials if trials else None,
     }
+
+
+def noise_text(s: dict[str, Any]) -> str:
+    """The measured noise and the reruns' share in one line (the caption and the page)."""
+    noise = s.get("noise")
+    if noise is None:
+        return "noise not measured"
+    parts = [f"noise sd {fmt(noise.seed_sd, '.6f')} over {plural(len(noise.seeds), 'seed')}"]
+    if noise.same_seed:
+        parts.append(f"{fmt(noise.same_seed_sd, '.6f')} over {len(noise.same_seed)} runs of one seed")
+    if s.get("rerun_share") is not None:
+        parts.append(f"reruns {100 * s['rerun_share']:.0f}% of trial time")
+    return ", ".join(parts)
+
+
+def rule_text(rec: Record) -> str:
+    """What the keep rule found for one record (runs, means, the statistic), or ''."""
+    t = rec.get("test")
+    if not isinstance(t, dict) or t.get("rule") != "sequential":
+        return ""
+    runs = r if isinstance(r := t.get("runs"), list) else []
+    text = f"{plural(len(runs), 'run')}, mean {fmt(finite(t.get('mean')), '.6f')} vs best " \
+           f"{fmt(finite(t.get('best_mean')), '.6f')}"
+    if finite(t.get("statistic")) is not None:
+        text += (f", t {t['statistic']:.2f} (critical {fmt(finite(t.get('critical')), '.2f')}, "
+                 f"p {fmt(finite(t.get('p_value')), '.4f')}, alpha {t.get('alpha')})")
+    return text
 
 
 def plural(n: int, word: str) -> str:
