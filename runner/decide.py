@@ -13,7 +13,9 @@ measurement, the best's runs, the candidate's, earlier candidates' reruns), with
 of (runs - 1) over the groups. The candidate is **kept** as soon as `t >= t_{1 - alpha /
 max_runs, df}`; **discarded** as soon as its mean is no better than the best's (`t <= futility`,
 at the margin: it cannot be shown better without running until chance carries it), or at the
-last look; otherwise it is **rerun** with another seed.
+last look; otherwise it is **rerun** with another seed. A discard says what the runs showed:
+`worse` (the same test, the other way, passes), `flat` (rerun, and still inside the noise) or
+`not better` (one run, inside the noise, no better than the best).
 
 Why the false-keep rate is at most `alpha`: with Gaussian noise of one variance, each look is an
 exact t-test at level `alpha / max_runs` (the pooled variance is independent of the means), and
@@ -216,7 +218,14 @@ def sequential(best: Sequence[float], candidate: Sequence[float], groups: Iterab
     t = (m_b - m_c - margin) / se
     critical = t_quantile(1.0 - per_look, df)
     p = t_sf(t, df)
-    test.update(statistic=round(t, 4), critical=round(critical, 4), p_value=round(p, 6))
+    # What the runs show about the change: better (kept), worse (its mean is worse by the
+    # same test the other way), or neither: flat when it was rerun (it looked better, more runs
+    # did not show it: a move not worth proposing again), "not better" after one run.
+    t_worse = (m_c - m_b) / se
+    effect = ("better" if t >= critical else "worse" if t_worse >= critical
+              else "flat" if n_c >= 2 else "not better")
+    test.update(statistic=round(t, 4), critical=round(critical, 4), p_value=round(p, 6),
+                effect=effect)
     figures = (f"runs {n_c}, mean {m_c:.6f} vs best {m_b:.6f} ({n_b} runs), sd {sd:.6f} (df {df}), "
                f"t {t:.2f} vs {critical:.2f} (alpha {alpha:g}/{max_runs} looks)")
     if t >= critical:

@@ -153,7 +153,8 @@ def parse_until(text: str, now: datetime | None = None) -> datetime:
 def history(ledger: Ledger) -> History:
     def row(r: Record) -> dict[str, Any]:
         return {"number": r.get("number"), "status": r.get("status"), "val_bpb": r.get("val_bpb"),
-                "delta": r.get("delta"), "description": r.get("description", "")}
+                "delta": r.get("delta"), "description": r.get("description", ""),
+                "effect": (r.get("test") or {}).get("effect")}   # sequential rule: flat, ...
 
     scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
                     key=lambda r: r.get("val_bpb") or 0.0)

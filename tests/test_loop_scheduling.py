@@ -148,6 +148,7 @@ def test_sequential_rule_reruns_inside_the_noise_and_keeps_on_the_test(project: 
     five = by[5]
     assert five["status"] == "discard" and [r["seed"] for r in five["runs"]] == [0, 1, 2, 3]
     assert "not shown better in 4 runs" in five["decision"]
+    assert five["test"]["effect"] == "flat" and by[4]["test"]["effect"] == "not better"
     assert five["mean_bpb"] == pytest.approx(0.99825)
     assert five["test"]["best_runs"] == [1.0, 1.01, 0.99]      # the baseline's seeds, not its rerun
     six = by[6]
