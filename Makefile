@@ -55,19 +55,23 @@ $(PY):
 prepare:
 	$(AUTORESEARCH) prepare
 
-# The research loop with defaults that work offline on a fresh machine: the default data set
-# (built if missing), the offline base image, the built-in search agent unless AUTORESEARCH_MODEL
-# names an LLM. Ctrl-C stops it; running it again resumes the same run (TAG).
+# The research loop with defaults that fit the machine (`autoresearch machine` says which and
+# why): on a GPU box (NVML sees a free GPU and Docker can hand GPUs to containers) the CUDA base,
+# the `pysource` data set and every free GPU; elsewhere the offline base, `shakespeare` and CPU
+# slots. The data set is built if data/ is empty. The built-in search agent unless
+# AUTORESEARCH_MODEL names an LLM. Ctrl-C stops it; running it again resumes the same run (TAG).
+# AUTORESEARCH_PROFILE=cpu forces the CPU path.
 TAG ?= $(shell date +%b%d | tr A-Z a-z)
 OVERNIGHT_ARGS ?=
 overnight: images
-	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare
+	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare --dataset "$$($(AUTORESEARCH) machine --field dataset)"
 	$(AUTORESEARCH) overnight --tag $(TAG) $(OVERNIGHT_ARGS)
 
 report:
 	$(AUTORESEARCH) report
 
-# The base image every container runs from (the offline Debian one unless AUTORESEARCH_BASE=cuda).
+# The base image every container runs from: the CUDA one on a GPU box, else the offline Debian
+# one (AUTORESEARCH_BASE=cuda|offline overrides; `autoresearch machine` says which and why).
 images:
 	$(AUTORESEARCH) images build
 

@@ -376,6 +376,19 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         slots = slots or join_cluster(cluster, cluster_gpus, say)
         executor = ClusterTrials(backend, num_gpus=cluster_gpus, num_cpus=1)
     slot_gpus: list[str | None] = [None] * (slots or 1)
+    if not (gpus or slots or cluster):                 # the machine decides, and says why
+        from runner.machine import detect
+        profile = detect(backend)
+        say(f"machine: {profile.kind}: {profile.why}")
+        if profile.kind == "gpu":
+            slot_gpus = list(profile.gpus)
+            say(f"GPU slots: {', '.join(profile.gpus)} (choose with --gpus, or CPU slots with "
+                "--slots N)")
+            if backend == "docker" and not os.environ.get("AUTORESEARCH_BASE", "").strip():
+                os.environ["AUTORESEARCH_BASE"] = profile.base     # what the backend builds on
+        if (have := prepared_dataset(data_dir or default_data_dir())) not in (None, profile.dataset):
+            say(f"data: {have} (prepared); a {profile.kind} machine would use {profile.dataset}: "
+                f"`autoresearch prepare --dataset {profile.dataset} --data-dir DIR`, then --data-dir DIR")
     if gpus:
         try:
             slot_gpus = list(resolve_gpus(gpus, log=say))
@@ -451,6 +464,42 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
     click.echo(f"now         val_bpb {fmt(new.get('val_bpb'))}   ({new.get('status')})")
     if (before := old.get("val_bpb")) is not None and (now := new.get("val_bpb")) is not None:
         click.echo(f"difference  {now - before:+.6f}")
+
+
+def prepared_dataset(data_dir: Path) -> str | None:
+    """The data set the prepared folder holds (its manifest's settings), or None."""
+    import json
+
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+        return str(manifest["settings"]["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@autoresearch.command("machine", short_help="Say which kind of machine this is, and why.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="docker", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON object.")
+@click.option("--field", type=click.Choice(["kind", "base", "dataset", "gpus"]), default=None,
+              help="Print one field only (for scripts and the Makefile).")
+def machine_cmd(backend: str, as_json: bool, field: str | None) -> None:
+    """A GPU box (NVML sees a free GPU and, for the docker backend, the engine can hand GPUs to
+    containers) gets the CUDA base, the `pysource` data set and every free GPU; any other
+    machine the CPU path (offline base, `shakespeare`, CPU slots). AUTORESEARCH_PROFILE=cpu|gpu
+    overrides it."""
+    import json
+
+    from runner.machine import detect
+
+    profile = detect(backend)
+    if field is not None:
+        value = profile.as_dict()[field]
+        click.echo(",".join(value) if isinstance(value, list) else value)
+    elif as_json:
+        click.echo(json.dumps(profile.as_dict()))
+    else:
+        click.echo(f"{profile.kind}: {profile.why}\nbase image: {profile.base}   data set: "
+                   f"{profile.dataset}   GPUs: {','.join(profile.gpus) or '-'}")
 
 
 @autoresearch.command("status", short_help="Show a run's experiments as a table.")
@@ -567,7 +616,14 @@ def images_build(offline: bool | None, rebuild: bool) -> None:
     from runner.sandbox import images as img
 
     if offline is None:
-        offline = img.default_offline()
+        if os.environ.get(img.BASE_ENV, "").strip():
+            offline = img.default_offline()
+        else:                                          # the machine decides, and says why
+            from runner.machine import detect
+            profile = detect()
+            offline = profile.base != "cuda"
+            click.echo(f"base: {'offline' if offline else 'cuda'} ({profile.kind} machine: "
+                       f"{profile.why})", err=True)
     import contextlib
 
     from runner.progress import base_build_progress
