@@ -8,7 +8,8 @@ decisions wait until the baseline and noise runs are recorded.
 
 **Noise.** A fresh run measures the unchanged train.py first: `noise_runs` seeds (the first is
 the baseline) and `same_seed_runs` reruns of the baseline's seed (the machine's own
-nondeterminism). `remeasure_noise` measures the current best again on a resumed run.
+nondeterminism). `remeasure_noise` measures the current best the same way on a resumed run
+and after every keep (decisions wait for it, as they do at the start).
 
 **Keep rule.** A candidate is measured against the best *at the time it finishes*, not the one
 it was proposed from. The default rule is sequential (`runner.decide.sequential`): the best's
@@ -70,7 +71,7 @@ class LoopConfig:
     min_delta: float = 0.0005             # a keep must beat the best by more than this
     noise_runs: int = 3                   # seeds of the unchanged train.py (the baseline's first)
     same_seed_runs: int = 1               # reruns of the baseline's seed (nondeterminism)
-    remeasure_noise: bool = False         # measure the noise of the current best again
+    remeasure_noise: bool = False         # measure the best's noise again: on resume, each keep
     alpha: float = decide.ALPHA           # sequential: the false-keep rate per decision
     max_runs: int = decide.MAX_RUNS       # sequential: runs of one candidate, at most
     rerun_share: float = decide.RERUN_SHARE   # sequential: of the run's trial seconds, at most
@@ -305,13 +306,13 @@ class Overnight:
         for c in pending:
             self.log(f"resuming experiment {c.number}: {c.description}")
 
-    def measurement_jobs(self, first: bool) -> list[Candidate]:
-        """The unmodified train.py over several seeds (the baseline and the noise runs), then
-        reruns of the first seed (the same-seed spread)."""
+    def measurement_jobs(self, first: bool, start: int | None = None) -> list[Candidate]:
+        """The unmodified train.py (first) or the best over several seeds (the baseline and the
+        noise runs), then reruns of the first seed (the same-seed spread)."""
         cfg, best = self.cfg, self.ledger.best()
         commit = self.repo.head() if first or best is None else str(best["commit"])
         text = self.repo.read_train(commit)
-        start = self.ledger.next_number()
+        start = self.ledger.next_number() if start is None else start
         jobs = []
         seeds = [cfg.seed if first and i == 0 else cfg.seed + 1000 + i
                  + (0 if first else start) for i in range(cfg.noise_runs)]
@@ -469,6 +470,19 @@ class Overnight:
             self.repo.settle(c.number, c.commit, kept_at)
             self.show_best()
         self.log(f"#{c.number} {status}: {verdict.text}")
+        if kept_at and self.cfg.remeasure_noise:
+            self.queue_remeasure()
+
+    def queue_remeasure(self) -> None:
+        """With --remeasure-noise, a new best is measured like the baseline was (its seeds and a
+        same-seed rerun), first in the queue; decisions wait for it, as they did at the start."""
+        with self.lock:
+            start = max(self.reserved + [self.ledger.next_number() - 1]) + 1
+            jobs = self.measurement_jobs(first=False, start=start)
+            self.reserved.append(jobs[-1].number)
+        self.log(f"measuring the noise of the new best: {len(jobs)} runs")
+        self.measuring.extend(jobs)
+        self.ready[:0] = jobs
 
     def show_best(self) -> None:
         """The best's score (the mean of its runs) and the one-run bar for the live view."""
@@ -539,7 +553,7 @@ class Overnight:
         if self.measuring:
             return
         self.update_best()
-        while self.deferred:
+        while self.deferred and not self.measuring:     # a keep may start a remeasurement
             c, gpu = self.deferred.pop(0)
             self.settle(c, gpu, held=self.holds_slot())
 

@@ -176,3 +176,38 @@ def test_reruns_stop_at_their_share_of_the_trial_time(project: Path, data: Path)
     from runner import decide
     reruns, total = decide.rerun_share(list(by.values()))
     assert 0 < reruns / total <= 0.25
+
+
+def test_remeasure_noise_measures_each_new_best(project: Path, data: Path):
+    """With --remeasure-noise a keep queues the new best's seeds and a same-seed rerun first;
+    the next decision takes the best's mean over its own run and those seeds."""
+    kept_text: list[str] = []
+
+    def val_bpb(spec):
+        if spec.number < 4:
+            return NOISE[(spec.number, spec.seed)]
+        text = spec.train_py.read_text()
+        if spec.number == 4:
+            kept_text.append(text)
+            return 0.9
+        if kept_text and text == kept_text[0]:                 # the new best, remeasured
+            return 0.9 + (spec.seed % 3) * 0.001
+        return 1.05
+
+    trial = Scripted(lambda spec: 0.2, val_bpb)
+    cfg = LoopConfig(tag="seq-remeasure", budget=1, max_experiments=11, data_dir=data,
+                     runs_dir=project / "runs", repo_root=project, gpus=["a"], min_delta=0.0,
+                     remeasure_noise=True, rerun_share=1.0, executor=trial)
+    ledger = overnight(cfg, log=lambda _: None)
+    by = {r["number"]: r for r in ledger.records}
+    assert by[4]["status"] == "keep" and len(by[4]["runs"]) == 1
+    again = [r for r in ledger.records if r["role"] == "noise" and r["commit"] == by[4]["commit"]]
+    assert len(again) == 4 and sum(bool(r.get("same_seed")) for r in again) == 1
+    seeds = [r["val_bpb"] for r in again if not r.get("same_seed")]
+    later = [r for r in ledger.records if r["role"] == "candidate" and r["number"] > 4
+             and r.get("test")]
+    assert later, [r["number"] for r in ledger.records]
+    order = [r["number"] for r in ledger.records]
+    assert all(order.index(r["number"]) > max(order.index(a["number"]) for a in again)
+               for r in later)                                 # decided after the remeasurement
+    assert sorted(later[0]["test"]["best_runs"]) == sorted([0.9] + seeds)
