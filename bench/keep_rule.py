@@ -29,14 +29,15 @@ from runner import decide  # noqa: E402
 
 
 def sequential(effect: float, rng: random.Random, noise_runs: int, prior_df: int,
-               alpha: float, max_runs: int) -> tuple[bool, int]:
+               alpha: float, max_runs: int, futility: float) -> tuple[bool, int]:
     """One decision of the sequential rule: (kept, trials run for it, the baseline's excluded)."""
     best = [rng.gauss(0.0, 1.0) for _ in range(noise_runs)]
     prior = [rng.gauss(0.0, 1.0) for _ in range(prior_df + 1)] if prior_df else []
     runs: list[float] = []
     while True:
         runs.append(rng.gauss(-effect, 1.0))
-        v = decide.sequential(best, runs, [best, runs, prior], alpha=alpha, max_runs=max_runs)
+        v = decide.sequential(best, runs, [best, runs, prior], alpha=alpha, max_runs=max_runs,
+                              futility=futility)
         if v.action != decide.RERUN:
             return v.action == decide.KEEP, len(runs)
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--effects", type=float, nargs="+", default=[-1.0, 0.0, 0.5, 1.0, 2.0, 3.0])
     ap.add_argument("--noise-runs", type=int, default=3)
     ap.add_argument("--prior-df", type=int, nargs="+", default=[0, 20])
+    ap.add_argument("--futility", type=float, nargs="+", default=[0.0, decide.FUTILITY, 1.0])
     ap.add_argument("--alpha", type=float, default=decide.ALPHA)
     ap.add_argument("--max-runs", type=int, default=decide.MAX_RUNS)
     ap.add_argument("--seed", type=int, default=12)
@@ -73,9 +75,12 @@ def main() -> None:
         ("threshold k=2 + confirm", lambda e: threshold(e, rng, a.noise_runs, 2.0, True)),
         ("threshold k=1 (one run)", lambda e: threshold(e, rng, a.noise_runs, 1.0, False)),
     ]
-    for df in a.prior_df:
-        rules.append((f"sequential, alpha {a.alpha:g}, <= {a.max_runs} runs, prior df {df}",
-                      (lambda e, df=df: sequential(e, rng, a.noise_runs, df, a.alpha, a.max_runs))))
+    for fut in a.futility:
+        for df in a.prior_df:
+            rules.append((f"sequential, alpha {a.alpha:g}, <= {a.max_runs} runs, futility {fut:g}, "
+                          f"prior df {df}",
+                          (lambda e, df=df, fut=fut: sequential(e, rng, a.noise_runs, df, a.alpha,
+                                                                a.max_runs, fut))))
     print(f"{a.decisions} decisions per cell; noise sd 1; best = {a.noise_runs} baseline seeds; "
           f"seed {a.seed}")
     head = " | ".join(f"{e:+g} sd" for e in a.effects)

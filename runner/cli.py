@@ -304,6 +304,9 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               help="sequential: runs of one candidate, at most (its first and the reruns).")
 @click.option("--rerun-share", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
               help="sequential: reruns take at most this share of the run's trial time.")
+@click.option("--futility", type=float, default=0.5, show_default=True,
+              help="sequential: discard once the t statistic is at most this (fewer reruns of "
+              "changes that look only a little better; 0: only once no better).")
 @click.option("--noise-k", type=float, default=2.0, show_default=True, help="threshold rule only.")
 @click.option("--remeasure-noise", is_flag=True,
               help="Measure the noise of the current best again first (on a resumed run).")
@@ -325,7 +328,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
               slots: int | None, cluster: str | None, cluster_gpus: float,
               keep_rule: str, min_delta: float, noise_runs: int, same_seed_runs: int,
-              alpha: float, max_runs: int, rerun_share: float, noise_k: float,
+              alpha: float, max_runs: int, rerun_share: float, futility: float, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
               cpus: float | None, eval_tokens: int | None, track: tuple[str, ...]) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
@@ -410,7 +413,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      data_dir=(data_dir or default_data_dir()).resolve(),
                      keep_rule=keep_rule, min_delta=min_delta, noise_runs=noise_runs,
                      same_seed_runs=same_seed_runs, alpha=alpha, max_runs=max_runs,
-                     rerun_share=rerun_share, noise_k=noise_k,
+                     rerun_share=rerun_share, futility=futility, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
                      gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
                      eval_tokens=eval_tokens, executor=executor, track=tuple(track),

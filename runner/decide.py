@@ -12,8 +12,9 @@ candidate's by more than `margin` (H0: improvement <= margin):
 measurement, the best's runs, the candidate's, earlier candidates' reruns), with `df` the sum
 of (runs - 1) over the groups. The candidate is **kept** as soon as `t >= t_{1 - alpha /
 max_runs, df}`; **discarded** as soon as its mean is no better than the best's (`t <= futility`,
-at the margin: it cannot be shown better without running until chance carries it), or at the
-last look; otherwise it is **rerun** with another seed. A discard says what the runs showed:
+at the margin: it cannot be shown better without running until chance carries it) or its t is
+at most `futility` (default 0.5: a change that looks only a little better is not worth the
+reruns), or at the last look; otherwise it is **rerun** with another seed. A discard says what the runs showed:
 `worse` (the same test, the other way, passes), `flat` (rerun, and still inside the noise) or
 `not better` (one run, inside the noise, no better than the best).
 
@@ -42,6 +43,7 @@ KEEP, DISCARD, RERUN = "keep", "discard", "rerun"
 ALPHA = 0.05                      # the stated false-keep rate, per decision
 MAX_RUNS = 4                      # looks per candidate: its first run and up to 3 reruns
 RERUN_SHARE = 0.25                # at most this share of the run's trial time goes to reruns
+FUTILITY = 0.5                    # discard once t is at most this: fewer reruns of null changes
 
 
 # ---- Student's t, without scipy ----
@@ -191,10 +193,13 @@ class Verdict:
 
 def sequential(best: Sequence[float], candidate: Sequence[float], groups: Iterable[Sequence[float]],
                alpha: float = ALPHA, max_runs: int = MAX_RUNS, margin: float = 0.0,
-               may_rerun: bool = True) -> Verdict:
+               may_rerun: bool = True, futility: float = FUTILITY) -> Verdict:
     """One look of the sequential rule (the module's docstring): `best` and `candidate` are
     val_bpb of their runs; `groups` every group of same-commit runs over seeds that the sd is
-    pooled from (including `best` and `candidate` where they have two runs or more)."""
+    pooled from (including `best` and `candidate` where they have two runs or more).
+    `futility`: discard once t is at most this (0: once the mean is no better than the best's,
+    at the margin); a higher bound reruns less and keeps less. It only ever discards, so the
+    false-keep bound holds for any value."""
     sd, df = pooled_sd(groups)
     n_b, n_c = len(best), len(candidate)
     m_b, m_c = sum(best) / n_b, sum(candidate) / n_c
@@ -230,8 +235,9 @@ def sequential(best: Sequence[float], candidate: Sequence[float], groups: Iterab
                f"t {t:.2f} vs {critical:.2f} (alpha {alpha:g}/{max_runs} looks)")
     if t >= critical:
         return Verdict(KEEP, f"keep: {figures}", test)
-    if not better:
-        return Verdict(DISCARD, f"discard, no better than the best: {figures}", test)
+    if not better or t <= futility:
+        what = "no better than the best" if not better else f"t at most the futility bound {futility:g}"
+        return Verdict(DISCARD, f"discard, {what}: {figures}", test)
     if n_c >= max_runs:
         return Verdict(DISCARD, f"discard, not shown better in {max_runs} runs: {figures}", test)
     if not may_rerun:

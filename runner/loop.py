@@ -75,6 +75,7 @@ class LoopConfig:
     alpha: float = decide.ALPHA           # sequential: the false-keep rate per decision
     max_runs: int = decide.MAX_RUNS       # sequential: runs of one candidate, at most
     rerun_share: float = decide.RERUN_SHARE   # sequential: of the run's trial seconds, at most
+    futility: float = decide.FUTILITY     # sequential: discard once t is at most this
     noise_k: float = 2.0                  # threshold: beat the best by noise_k x spread
     confirm: bool = False                 # threshold: retrain an apparent win with another seed
     seed: int = 0
@@ -435,7 +436,7 @@ class Overnight:
             return v
         return decide.sequential(best, values, pool + [values], alpha=cfg.alpha,
                                  max_runs=cfg.max_runs, margin=cfg.min_delta,
-                                 may_rerun=self.may_rerun(c))
+                                 may_rerun=self.may_rerun(c), futility=cfg.futility)
 
     def finish(self, c: Candidate, verdict: decide.Verdict) -> None:
         """Record the verdict on `c` (its first run's record, with every run and the test's

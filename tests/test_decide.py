@@ -61,6 +61,9 @@ def test_one_look_keeps_discards_or_reruns():
     assert close.action == "rerun" and close.test["statistic"] < close.test["critical"]
     last = decide.sequential(best, [0.985] * 4, noise + [[0.985] * 4])
     assert last.action == "discard" and "not shown better in 4 runs" in last.text
+    slightly = decide.sequential(best, [0.996], noise)       # t 0.35: below the futility bound
+    assert slightly.action == "discard" and "futility" in slightly.text
+    assert decide.sequential(best, [0.996], noise, futility=0.0).action == "rerun"
     capped = decide.sequential(best, [0.985], noise, may_rerun=False)
     assert capped.action == "discard" and "budget" in capped.text
     for key in ("runs", "mean", "best_runs", "best_mean", "sd", "df", "statistic", "critical",

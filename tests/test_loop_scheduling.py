@@ -138,7 +138,8 @@ def test_sequential_rule_reruns_inside_the_noise_and_keeps_on_the_test(project: 
               (5, 0): 0.995, (5, 1): 1.003, (5, 2): 0.996, (5, 3): 0.999,
               (6, 0): 0.975, (6, 1): 0.976,
               (7, 0): 0.9757}
-    by, trial, logs = sequential_run(project, data, "seq", scores, 8, rerun_share=1.0)
+    by, trial, logs = sequential_run(project, data, "seq", scores, 8, rerun_share=1.0,
+                                     futility=0.0)
     assert [by[n]["role"] for n in range(4)] == ["baseline", "noise", "noise", "noise"]
     assert by[3]["same_seed"] is True and by[3]["seed"] == 0
     assert any("sd over 3 seeds 0.010000, over 2 runs of one seed 0.000212" in line
@@ -169,7 +170,7 @@ def test_reruns_stop_at_their_share_of_the_trial_time(project: Path, data: Path)
     """With reruns capped at 25% of the trial seconds, a candidate inside the noise gets one
     rerun (1 of 6 equal trials) but not a second (2 of 7), and is discarded saying so."""
     scores = {(4, 0): 0.995, (4, 1): 0.994, (4, 2): 0.993}
-    by, trial, logs = sequential_run(project, data, "seq-cap", scores, 5)
+    by, trial, logs = sequential_run(project, data, "seq-cap", scores, 5, futility=0.0)
     four = by[4]
     assert [r["seed"] for r in four["runs"]] == [0, 1]
     assert four["status"] == "discard" and "rerun budget spent" in four["decision"]
