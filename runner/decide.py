@@ -134,7 +134,7 @@ class Noise:
 
     commit: str | None
     seeds: list[float] = field(default_factory=list)       # val_bpb, one per seed
-    same_seed: list[float] = field(default_factory=list)   # val_bpb, reruns of the first seed
+    same_seed: list[list[float]] = field(default_factory=list)   # val_bpb, per repeated seed
 
     @property
     def seed_sd(self) -> float | None:
@@ -142,17 +142,29 @@ class Noise:
 
     @property
     def same_seed_sd(self) -> float | None:
-        return statistics.stdev(self.same_seed) if len(self.same_seed) >= 2 else None
+        """Pooled over the seeds that were run more than once."""
+        sd, df = pooled_sd(self.same_seed)
+        return sd if df else None
+
+    @property
+    def n_same_seed(self) -> int:
+        return sum(len(g) for g in self.same_seed)
+
+    def same_seed_text(self) -> str:
+        """`over N runs of one seed` (or of K seeds)."""
+        k = len(self.same_seed)
+        return f"over {self.n_same_seed} runs of " + ("one seed" if k == 1 else f"{k} seeds")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "seed_sd": self.seed_sd, "same_seed_sd": self.same_seed_sd,
-                "n_seeds": len(self.seeds), "n_same_seed": len(self.same_seed)}
+                "n_seeds": len(self.seeds), "n_same_seed": self.n_same_seed}
 
 
 def noise_of(records: Sequence[Mapping[str, Any]]) -> Noise | None:
     """The latest noise measurement in a run's records: the scored baseline and noise runs of
-    the commit measured last. Runs marked `same_seed` repeat a seed of that commit; the others
-    are one seed each. None when nothing was measured."""
+    the commit measured last (every measurement of it: a remeasurement adds seeds). Runs marked
+    `same_seed` repeat a seed of that commit; the others are one seed each. None when nothing
+    was measured."""
     runs = [r for r in records if r.get("role") in ("baseline", "noise")]
     if not runs:
         return None
@@ -162,9 +174,9 @@ def noise_of(records: Sequence[Mapping[str, Any]]) -> Noise | None:
     seeds = [r for r in mine if not r.get("same_seed")]
     again = [r for r in mine if r.get("same_seed")]
     noise = Noise(commit, seeds=[float(r["val_bpb"]) for r in seeds])
-    if again:
-        seed = again[0].get("seed")
-        noise.same_seed = [float(r["val_bpb"]) for r in seeds + again if r.get("seed") == seed]
+    for seed in dict.fromkeys(r.get("seed") for r in again):          # in order, once each
+        noise.same_seed.append([float(r["val_bpb"]) for r in seeds + again
+                                if r.get("seed") == seed])
     return noise
 
 

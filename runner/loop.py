@@ -209,15 +209,6 @@ def threshold(cfg: LoopConfig, ledger: Ledger) -> tuple[float, str]:
     return value, f"max(min_delta {cfg.min_delta:g}, {cfg.noise_k:g} x spread {s:.6f})"
 
 
-def decide_threshold(trial_status: str, val_bpb: float | None, best: float, limit: float, rule: str
-                     ) -> tuple[str, str]:
-    """The threshold rule: keep or discard (or the trial's failure status), and the rule."""
-    if trial_status != "ok" or val_bpb is None:
-        return trial_status, "not scored"
-    v = decide.threshold(val_bpb, best, limit, rule)
-    return v.action, v.text
-
-
 def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
     """Make refs and branch agree with the ledger after a crash; return the candidates that
     were committed but never recorded, oldest first, to be trained again."""
@@ -298,7 +289,9 @@ class Overnight:
         pending = reconcile(self.repo, self.ledger)
         self.base_commit = self.repo.head()
         if self.cfg.remeasure_noise and not self.measuring:
-            self.remeasure_noise()
+            # numbers after the candidates that were committed but never recorded
+            self.remeasure_noise(max([self.ledger.next_number() - 1]
+                                     + [c.number for c in pending]) + 1)
         if not self.measuring:
             self.update_best()
         self.reserved = [self.ledger.next_number() - 1, max((c.number for c in pending), default=-1),
@@ -328,9 +321,9 @@ class Overnight:
                                   same_seed=again))
         return jobs
 
-    def remeasure_noise(self) -> None:
+    def remeasure_noise(self, start: int) -> None:
         """More seeds of the current best, all slots at once, before anything else runs."""
-        jobs = self.measurement_jobs(first=False)
+        jobs = self.measurement_jobs(first=False, start=start)
         self.state.enter("measuring noise", jobs[0].number)
         self.observe(self.state)
         gpus = self.cfg.gpus
@@ -544,8 +537,7 @@ class Overnight:
         if noise is not None:
             fmt = (lambda v: f"{v:.6f}" if v is not None else "- (fewer than 2 runs)")
             self.log(f"noise of {str(noise.commit)[:7]}: sd over {len(noise.seeds)} seeds "
-                     f"{fmt(noise.seed_sd)}, over {len(noise.same_seed)} runs of one seed "
-                     f"{fmt(noise.same_seed_sd)}")
+                     f"{fmt(noise.seed_sd)}, {noise.same_seed_text()} {fmt(noise.same_seed_sd)}")
 
     def measured(self, job: Candidate, rec: Record) -> None:
         """A baseline or noise run ended; after the last, decide what waited for it."""

@@ -36,7 +36,7 @@ def test_noise_of_splits_same_seed_from_other_seeds():
             {"role": "candidate", "commit": "b", "seed": 0, "val_bpb": 0.5}]
     noise = decide.noise_of(recs)
     assert noise is not None
-    assert noise.seeds == [1.00, 1.02] and noise.same_seed == [1.00, 1.001]
+    assert noise.seeds == [1.00, 1.02] and noise.same_seed == [[1.00, 1.001]]
     assert noise.seed_sd == pytest.approx(0.02 / math.sqrt(2))
     assert noise.same_seed_sd == pytest.approx(0.001 / math.sqrt(2))
     # a remeasurement of a later best replaces it

@@ -212,3 +212,27 @@ def test_remeasure_noise_measures_each_new_best(project: Path, data: Path):
     assert all(order.index(r["number"]) > max(order.index(a["number"]) for a in again)
                for r in later)                                 # decided after the remeasurement
     assert sorted(later[0]["test"]["best_runs"]) == sorted([0.9] + seeds)
+
+
+def test_remeasure_noise_on_resume_numbers_after_everything(project: Path, data: Path):
+    """A resumed run with --remeasure-noise measures the best again (its seeds and a same-seed
+    rerun) before anything else, under new numbers; the noise shown is then the new one."""
+    def val_bpb(spec):
+        return NOISE.get((spec.number, spec.seed), 1.0 + (spec.seed % 7) * 0.002)
+
+    common = dict(budget=1, data_dir=data, runs_dir=project / "runs", repo_root=project,
+                  gpus=["a"], min_delta=0.0, executor=Scripted(lambda spec: 0.1, val_bpb))
+    first = overnight(LoopConfig(tag="seq-resume", max_experiments=5, **common), log=lambda _: None)
+    assert len(first.records) == 5
+    ledger = overnight(LoopConfig(tag="seq-resume", max_experiments=10, remeasure_noise=True,
+                                  **common), log=lambda _: None)
+    numbers = [r["number"] for r in ledger.records]
+    assert sorted(numbers) == list(range(len(numbers)))       # none lost, none duplicated
+    again = ledger.records[5:9]
+    assert [r["role"] for r in again] == ["noise"] * 4 and again[-1]["same_seed"] is True
+    assert {r["commit"] for r in again} == {ledger.records[0]["commit"]}
+    from runner import decide
+    noise = decide.noise_of(ledger.records)                  # both measurements of the commit
+    assert noise.seeds == [r["val_bpb"] for r in ledger.records[:3] + again[:3]]
+    assert [len(g) for g in noise.same_seed] == [2, 2] and noise.same_seed_text() == \
+        "over 4 runs of 2 seeds"

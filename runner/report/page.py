@@ -204,8 +204,8 @@ def report_html(records: list[Record], tag: str, diffs: dict[int, str], path: Pa
     if noise is not None:
         cards.append(card("noise (sd)", fmt(noise.seed_sd, ".6f"),
                           f"over {len(noise.seeds)} seeds; "
-                          + (f"{fmt(noise.same_seed_sd, '.6f')} over {len(noise.same_seed)} runs "
-                             "of one seed" if noise.same_seed else "no same-seed rerun")))
+                          + (f"{fmt(noise.same_seed_sd, '.6f')} {noise.same_seed_text()}"
+                             if noise.same_seed else "no same-seed rerun")))
     if s["rerun_share"] is not None:
         cards.append(card("reruns", f"{100 * s['rerun_share']:.0f}%",
                           f"{duration(s['rerun_seconds'])} of trial time"))

@@ -126,7 +126,7 @@ def noise_text(s: dict[str, Any]) -> str:
         return "noise not measured"
     parts = [f"noise sd {fmt(noise.seed_sd, '.6f')} over {plural(len(noise.seeds), 'seed')}"]
     if noise.same_seed:
-        parts.append(f"{fmt(noise.same_seed_sd, '.6f')} over {len(noise.same_seed)} runs of one seed")
+        parts.append(f"{fmt(noise.same_seed_sd, '.6f')} {noise.same_seed_text()}")
     if s.get("rerun_share") is not None:
         parts.append(f"reruns {100 * s['rerun_share']:.0f}% of trial time")
     return ", ".join(parts)
