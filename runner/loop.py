@@ -104,6 +104,7 @@ class LoopState:
     phase_started: float = field(default_factory=time.time)
     best: float | None = None
     threshold: float | None = None
+    noise: str = ""                        # the measured noise, in a few words
     recent: list[Record] = field(default_factory=list)
     running: dict[int, str] = field(default_factory=dict)   # number -> description
     done: int = 0                          # experiments finished by this process
@@ -538,6 +539,8 @@ class Overnight:
             fmt = (lambda v: f"{v:.6f}" if v is not None else "- (fewer than 2 runs)")
             self.log(f"noise of {str(noise.commit)[:7]}: sd over {len(noise.seeds)} seeds "
                      f"{fmt(noise.seed_sd)}, {noise.same_seed_text()} {fmt(noise.same_seed_sd)}")
+            if noise.seed_sd is not None:
+                self.state.noise = f"noise sd {noise.seed_sd:.6f} ({len(noise.seeds)} seeds)"
 
     def measured(self, job: Candidate, rec: Record) -> None:
         """A baseline or noise run ended; after the last, decide what waited for it."""
