@@ -161,3 +161,25 @@ def test_overnight_takes_every_free_gpu_of_a_gpu_box_and_says_why(
     assert seen == [(["0", "1"], "sequential", "cuda")]
     result = CliRunner().invoke(autoresearch, args + ["--slots", "2"])
     assert "machine:" not in result.output and seen[-1][0] == [None, None]
+
+
+def test_images_build_takes_the_base_the_machine_needs_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --offline/--cuda and AUTORESEARCH_BASE, a GPU box builds the CUDA base; the
+    variable still wins over the machine."""
+    import runner.machine
+    from runner.sandbox import images
+
+    built: list[bool] = []
+    monkeypatch.setattr(images, "ensure_base", lambda offline, rebuild=False, log=None:
+                        built.append(offline) or "autoresearch/base:x")
+    monkeypatch.setattr(runner.machine, "detect", lambda backend="docker": runner.machine.Profile(
+        "gpu", "NVML sees 1 GPU(s) (NVIDIA H200) and the Docker engine has the nvidia runtime",
+        gpus=["0"], base="cuda", dataset="pysource"))
+    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    result = CliRunner().invoke(autoresearch, ["images", "build"])
+    assert result.exit_code == 0, result.output
+    assert built == [False] and "base: cuda (gpu machine: NVML sees 1 GPU(s)" in result.output
+    monkeypatch.setenv("AUTORESEARCH_BASE", "offline")
+    result = CliRunner().invoke(autoresearch, ["images", "build"])
+    assert built == [False, True] and "machine:" not in result.output
