@@ -262,6 +262,11 @@ def test_status_and_page_show_the_noise_and_each_keeps_test(tmp_path: Path):
     assert "noise sd 0.010000 over 3 seeds, 0.000212 over 2 runs of one seed" in text
     assert "reruns 17% of trial time" in text                    # 333 of 6 x 333 s
     assert "warmup 5% [2 runs]" in text
+    records[4]["mean_bpb"] = 0.9755
+    out = io.StringIO()
+    Console(file=out, width=200).print(report.status_table(records, TAG))
+    # both scores are means: the baseline's over its 3 seeds (not the same-seed rerun), #4's runs
+    assert "best 0.975500 (#4), -0.024500 vs baseline" in " ".join(out.getvalue().split())
     page = report.report_html(records, TAG, {}, tmp_path / "r.html").read_text()
     assert "2 runs, mean 0.975500 vs best 1.000000, t 4.25 (critical 2.97, p 0.0027, alpha 0.05)" in page
     assert "noise (sd)" in page and "0.010000" in page

@@ -35,6 +35,21 @@ def bpb_of(rec: Record) -> float | None:
     return finite(rec.get("val_bpb"))
 
 
+def score_of(rec: Record) -> float | None:
+    """What a kept record scored: the mean of its runs where it was rerun, else its val_bpb."""
+    mean = finite(rec.get("mean_bpb"))
+    return mean if mean is not None else bpb_of(rec)
+
+
+def baseline_score(records: list[Record], baseline: Record) -> float | None:
+    """The baseline's score: the mean over its seeds (the noise runs of its commit that are not
+    same-seed reruns), else its one val_bpb."""
+    values = [v for r in records if r.get("role") in ("baseline", "noise")
+              and r.get("commit") == baseline.get("commit") and not r.get("same_seed")
+              and (v := bpb_of(r)) is not None]
+    return sum(values) / len(values) if values else bpb_of(baseline)
+
+
 def status_of(rec: Record) -> str:
     return str(rec.get("status") or "?")
 
@@ -80,15 +95,15 @@ def summary(records: list[Record]) -> dict[str, Any]:
     ordered = by_number(records)
     kept = [r for r in ordered if is_kept(r)]
     baseline = next((r for r in kept if number_of(r) == 0), kept[0] if kept else None)
-    best = min(kept, key=lambda r: (bpb_of(r), -(number_of(r) or 0))) if kept else None
+    best = min(kept, key=lambda r: (score_of(r), -(number_of(r) or 0))) if kept else None
     counts: dict[str, int] = {}
     for r in ordered:
         counts[status_of(r)] = counts.get(status_of(r), 0) + 1
     llm: list[dict[str, Any]] = [x if isinstance(x := r.get("llm"), dict) else {} for r in ordered]
     dates = sorted(d for d in (local_time(r.get("started_at")) for r in ordered) if d is not None)
     walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
-    base_bpb = bpb_of(baseline) if baseline else None
-    best_bpb = bpb_of(best) if best else None
+    base_bpb = baseline_score(ordered, baseline) if baseline else None
+    best_bpb = (base_bpb if best is baseline else score_of(best)) if best else None
     try:
         noise = noise_of(ordered)
         reruns, trials = rerun_share(ordered)
