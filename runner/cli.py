@@ -423,6 +423,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         say(note)
     if backend == "process":
         say("WARNING: --backend process isolates nothing: candidates run as you, on this machine.")
+    if keep_rule == "sequential" and noise_runs < 2:
+        say(f"note: --noise-runs {noise_runs} measures no spread; the sequential rule then has "
+            "only the candidates' own reruns to go on and keeps little until it has pooled some")
     try:
         with LiveView(cfg) as view:
             ledger = run_loop(cfg, observe=view.observe, log=say)
