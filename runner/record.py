@@ -78,7 +78,11 @@ class Record(TypedDict, total=False):
     delta: float | None              # val_bpb minus the best before it
     best_before: int
     candidate_commit: str
-    confirm: dict[str, Any]          # the confirming rerun
+    confirm: dict[str, Any]          # the confirming rerun (threshold rule)
+    runs: list[dict[str, Any]]       # every run of a candidate: seed, status, val_bpb, seconds
+    mean_bpb: float                  # the mean of its runs (its score under the sequential rule)
+    test: dict[str, Any]             # the keep rule's figures (runner.decide)
+    same_seed: bool                  # a noise run repeating the first seed
 
 
 def _sha256(path: Path) -> str:

@@ -520,3 +520,35 @@ def test_search_retries_old_discards_only_when_nothing_new_is_left():
              for _ in range(4)]
     assert len({p.description for p in again[:3]} | {retried.description}) == 4
     assert again[3].train_py is None
+
+
+def test_search_skips_directions_the_noise_rule_found_flat():
+    """MATRIX_LR up was rerun and found flat: no other value up is proposed (on this best file
+    or a later one) while anything else is left; MATRIX_LR down and other constants still are.
+    The same result without `effect` (the threshold rule) rules out only the move itself."""
+    flat = {"number": 4, "status": "discard", "val_bpb": 1.5, "delta": -0.0004,
+            "description": "search: MATRIX_LR 0.02 -> 0.028", "effect": "flat"}
+    kept = {"number": 5, "status": "keep", "val_bpb": 1.4, "delta": -0.1,
+            "description": "an LLM idea elsewhere in the file"}
+    up = down = 0
+    for seed in range(150):
+        p = SearchAgent(seed=seed, big_step_prob=0.5)(PROGRAM, TRAIN_PY,
+                                                      History(recent=[flat, kept]))
+        (name, (old, new)), = changed(TRAIN_PY, p.train_py).items()
+        up += name == "MATRIX_LR" and new > old
+        down += name == "MATRIX_LR" and new < old
+    assert up == 0 and down > 0
+    plain = {**flat, "effect": None}
+    ups = 0
+    for seed in range(150):
+        p = SearchAgent(seed=seed, big_step_prob=0.5)(PROGRAM, TRAIN_PY,
+                                                      History(recent=[plain, kept]))
+        (name, (old, new)), = changed(TRAIN_PY, p.train_py).items()
+        ups += name == "MATRIX_LR" and new > old
+    assert ups > 0
+    # When only flat directions are left, they are proposed after all.
+    agent = SearchAgent(seed=0)
+    only = [{"number": n, "status": "discard", "val_bpb": 1.6, "delta": 0.0,
+             "description": f"search: X 3 -> {v}", "effect": "flat"} for n, v in ((1, 4), (2, 2))]
+    got = [agent(PROGRAM, "X = 3\n", History(recent=only)).description for _ in range(2)]
+    assert sorted(got) == ["search: X 3 -> 1", "search: X 3 -> 5"]

@@ -129,3 +129,57 @@ def test_every_command_has_help() -> None:
     for command in ("prepare", "trial", "overnight", "status", "report", "reproduce", "images"):
         result = CliRunner().invoke(autoresearch, [command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+def test_overnight_takes_every_free_gpu_of_a_gpu_box_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --gpus/--slots/--cluster the machine decides: on a GPU box (faked here: no machine
+    of the project has a GPU and a container engine) one slot per free GPU on the CUDA base; the
+    choice and its reason are printed first. --slots keeps the CPU path without asking."""
+    import runner.loop
+    import runner.machine
+
+    seen: list = []
+    monkeypatch.setattr(runner.machine, "detect", lambda backend="docker": runner.machine.Profile(
+        "gpu", "NVML sees 2 GPU(s) (NVIDIA H200) and the Docker engine has the nvidia runtime",
+        gpus=["0", "1"], base="cuda", dataset="pysource"))
+    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+
+    def fake_loop(cfg, observe=None, log=None):
+        seen.append((cfg.gpus, cfg.keep_rule, runner.cli.os.environ.get("AUTORESEARCH_BASE")))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.loop, "overnight", fake_loop)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"settings": {"dataset": "shakespeare"}}))
+    args = ["overnight", "--tag", "t1", "--data-dir", str(data)]
+    result = CliRunner().invoke(autoresearch, args)
+    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    assert "machine: gpu: NVML sees 2 GPU(s)" in result.output, result.output
+    assert "data: shakespeare (prepared); a gpu machine would use pysource" in result.output
+    assert seen == [(["0", "1"], "sequential", "cuda")]
+    result = CliRunner().invoke(autoresearch, args + ["--slots", "2"])
+    assert "machine:" not in result.output and seen[-1][0] == [None, None]
+
+
+def test_images_build_takes_the_base_the_machine_needs_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --offline/--cuda and AUTORESEARCH_BASE, a GPU box builds the CUDA base; the
+    variable still wins over the machine."""
+    import runner.machine
+    from runner.sandbox import images
+
+    built: list[bool] = []
+    monkeypatch.setattr(images, "ensure_base", lambda offline, rebuild=False, log=None:
+                        built.append(offline) or "autoresearch/base:x")
+    monkeypatch.setattr(runner.machine, "detect", lambda backend="docker": runner.machine.Profile(
+        "gpu", "NVML sees 1 GPU(s) (NVIDIA H200) and the Docker engine has the nvidia runtime",
+        gpus=["0"], base="cuda", dataset="pysource"))
+    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    result = CliRunner().invoke(autoresearch, ["images", "build"])
+    assert result.exit_code == 0, result.output
+    assert built == [False] and "base: cuda (gpu machine: NVML sees 1 GPU(s)" in result.output
+    monkeypatch.setenv("AUTORESEARCH_BASE", "offline")
+    result = CliRunner().invoke(autoresearch, ["images", "build"])
+    assert built == [False, True] and "machine:" not in result.output

@@ -32,3 +32,11 @@ def test_the_live_table_shows_markup_as_text():
     text = console.export_text()
     assert DESCRIPTION in text
     assert "<a " not in console.export_html()                  # no link was made
+
+
+def test_the_header_shows_the_measured_noise():
+    console = Console(file=io.StringIO(), force_terminal=True, width=200, record=True)
+    s = state()
+    s.best, s.noise = 1.5, "noise sd 0.010000 (3 seeds)"
+    console.print(render(LoopConfig(tag="t"), s))
+    assert "best val_bpb 1.500000   noise sd 0.010000 (3 seeds)" in console.export_text()

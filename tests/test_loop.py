@@ -33,6 +33,9 @@ LIMITS = small_limits()
 
 
 def config(project: Path, data: Path, tag: str, **kw) -> LoopConfig:
+    """The threshold rule and one baseline unless a test asks: these tests are about the sandbox
+    and the loop's mechanics (the sequential rule: tests/test_loop_scheduling.py)."""
+    kw = {"keep_rule": "threshold", "noise_runs": 1, "same_seed_runs": 0, **kw}
     return LoopConfig(tag=tag, budget=2, data_dir=data, runs_dir=project / "runs",
                       repo_root=project, limits=LIMITS, eval_tokens=4096, **kw)
 

@@ -67,7 +67,8 @@ def test_confirming_rerun_holds_one_slot_while_the_others_go_on(project: Path, d
     trial = Scripted(seconds, val_bpb)
     cfg = LoopConfig(tag="sched-confirm", budget=1, max_experiments=5, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b"],
-                     confirm=True, executor=trial)
+                     keep_rule="threshold", noise_runs=1, same_seed_runs=0, confirm=True,
+                     executor=trial)
     ledger = overnight(cfg, log=lambda _: None)
     by = {r["number"]: r for r in ledger.records}
     assert sorted(by) == [0, 1, 2, 3, 4]
@@ -96,7 +97,8 @@ def test_candidates_wait_for_every_noise_run(project: Path, data: Path):
     trial = Scripted(seconds, val_bpb)
     cfg = LoopConfig(tag="sched-noise", budget=1, max_experiments=4, data_dir=data,
                      runs_dir=project / "runs", repo_root=project, gpus=["a", "b", "c"],
-                     noise_runs=2, noise_k=2.0, min_delta=0.0, executor=trial)
+                     keep_rule="threshold", noise_runs=2, same_seed_runs=0, noise_k=2.0,
+                     min_delta=0.0, executor=trial)
     ledger = overnight(cfg, log=lambda _: None)
     assert [r["number"] for r in ledger.records if r["role"] == "candidate"] == [2, 3]  # no more
     order = [(r["number"], r["role"]) for r in ledger.records]
@@ -107,3 +109,130 @@ def test_candidates_wait_for_every_noise_run(project: Path, data: Path):
     spread = 0.02 / 2 ** 0.5                                   # stdev of 1.0 and 1.02
     for r in ledger.records[2:]:
         assert f"spread {spread:.6f}" in r["decision"]         # ...but was decided after
+
+
+# ---- the sequential keep rule (runner.decide), on one slot so the order is exact ----
+
+NOISE = {(0, 0): 1.00, (1, 1001): 1.01, (2, 1002): 0.99, (3, 0): 1.0003}   # (number, seed)
+
+
+def sequential_run(project: Path, data: Path, tag: str, scores: dict, n: int, **kw):
+    def val_bpb(spec):
+        return {**NOISE, **scores}[(spec.number, spec.seed)]
+
+    trial = Scripted(lambda spec: 0.2, val_bpb)
+    logs: list[str] = []
+    cfg = LoopConfig(tag=tag, budget=1, max_experiments=n, data_dir=data,
+                     runs_dir=project / "runs", repo_root=project, gpus=["a"], min_delta=0.0,
+                     executor=trial, **kw)
+    ledger = overnight(cfg, log=logs.append)
+    return {r["number"]: r for r in ledger.records}, trial, logs
+
+
+def test_sequential_rule_reruns_inside_the_noise_and_keeps_on_the_test(project: Path, data: Path):
+    """The noise is measured first (3 seeds and a same-seed rerun); a worse candidate is
+    discarded after one run; one inside the noise is rerun to the cap of 4 runs and discarded;
+    a better one is rerun until the t-test passes and kept, and the next is judged against the
+    mean of its runs."""
+    scores = {(4, 0): 1.02,
+              (5, 0): 0.995, (5, 1): 1.003, (5, 2): 0.996, (5, 3): 0.999,
+              (6, 0): 0.975, (6, 1): 0.976,
+              (7, 0): 0.9757}
+    by, trial, logs = sequential_run(project, data, "seq", scores, 8, rerun_share=1.0,
+                                     futility=0.0)
+    assert [by[n]["role"] for n in range(4)] == ["baseline", "noise", "noise", "noise"]
+    assert by[3]["same_seed"] is True and by[3]["seed"] == 0
+    assert any("sd over 3 seeds 0.010000, over 2 runs of one seed 0.000212" in line
+               for line in logs)
+    assert by[4]["status"] == "discard" and len(by[4]["runs"]) == 1
+    assert "no better" in by[4]["decision"]
+    five = by[5]
+    assert five["status"] == "discard" and [r["seed"] for r in five["runs"]] == [0, 1, 2, 3]
+    assert "not shown better in 4 runs" in five["decision"]
+    assert five["test"]["effect"] == "flat" and by[4]["test"]["effect"] == "not better"
+    assert five["mean_bpb"] == pytest.approx(0.99825)
+    assert five["test"]["best_runs"] == [1.0, 1.01, 0.99]      # the baseline's seeds, not its rerun
+    six = by[6]
+    assert six["status"] == "keep" and [r["val_bpb"] for r in six["runs"]] == [0.975, 0.976]
+    test = six["test"]
+    assert test["rule"] == "sequential" and test["alpha"] == 0.05
+    assert test["statistic"] >= test["critical"] and test["p_value"] < 0.05 / 4
+    assert test["df"] == 2 + 3 + 1                             # baseline, #5's and its own runs
+    assert six["delta"] == pytest.approx(0.9755 - 1.0)
+    # the best's score is now the mean of #6's runs: 0.9757 is no better than 0.9755
+    seven = by[7]
+    assert seven["test"]["best_runs"] == [0.975, 0.976] and seven["status"] == "discard"
+    trained = sorted((n, seed) for n, seed, *_ in trial.spans)
+    assert trained == sorted(list(NOISE) + list(scores))       # nothing else ran
+
+
+def test_reruns_stop_at_their_share_of_the_trial_time(project: Path, data: Path):
+    """With reruns capped at 25% of the trial seconds, a candidate inside the noise gets one
+    rerun (1 of 6 equal trials) but not a second (2 of 7), and is discarded saying so."""
+    scores = {(4, 0): 0.995, (4, 1): 0.994, (4, 2): 0.993}
+    by, trial, logs = sequential_run(project, data, "seq-cap", scores, 5, futility=0.0)
+    four = by[4]
+    assert [r["seed"] for r in four["runs"]] == [0, 1]
+    assert four["status"] == "discard" and "rerun budget spent" in four["decision"]
+    from runner import decide
+    reruns, total = decide.rerun_share(list(by.values()))
+    assert 0 < reruns / total <= 0.25
+
+
+def test_remeasure_noise_measures_each_new_best(project: Path, data: Path):
+    """With --remeasure-noise a keep queues the new best's seeds and a same-seed rerun first;
+    the next decision takes the best's mean over its own run and those seeds."""
+    kept_text: list[str] = []
+
+    def val_bpb(spec):
+        if spec.number < 4:
+            return NOISE[(spec.number, spec.seed)]
+        text = spec.train_py.read_text()
+        if spec.number == 4:
+            kept_text.append(text)
+            return 0.9
+        if kept_text and text == kept_text[0]:                 # the new best, remeasured
+            return 0.9 + (spec.seed % 3) * 0.001
+        return 1.05
+
+    trial = Scripted(lambda spec: 0.2, val_bpb)
+    cfg = LoopConfig(tag="seq-remeasure", budget=1, max_experiments=11, data_dir=data,
+                     runs_dir=project / "runs", repo_root=project, gpus=["a"], min_delta=0.0,
+                     remeasure_noise=True, rerun_share=1.0, executor=trial)
+    ledger = overnight(cfg, log=lambda _: None)
+    by = {r["number"]: r for r in ledger.records}
+    assert by[4]["status"] == "keep" and len(by[4]["runs"]) == 1
+    again = [r for r in ledger.records if r["role"] == "noise" and r["commit"] == by[4]["commit"]]
+    assert len(again) == 4 and sum(bool(r.get("same_seed")) for r in again) == 1
+    seeds = [r["val_bpb"] for r in again if not r.get("same_seed")]
+    later = [r for r in ledger.records if r["role"] == "candidate" and r["number"] > 4
+             and r.get("test")]
+    assert later, [r["number"] for r in ledger.records]
+    order = [r["number"] for r in ledger.records]
+    assert all(order.index(r["number"]) > max(order.index(a["number"]) for a in again)
+               for r in later)                                 # decided after the remeasurement
+    assert sorted(later[0]["test"]["best_runs"]) == sorted([0.9] + seeds)
+
+
+def test_remeasure_noise_on_resume_numbers_after_everything(project: Path, data: Path):
+    """A resumed run with --remeasure-noise measures the best again (its seeds and a same-seed
+    rerun) before anything else, under new numbers; the noise shown is then the new one."""
+    def val_bpb(spec):
+        return NOISE.get((spec.number, spec.seed), 1.0 + (spec.seed % 7) * 0.002)
+
+    common = dict(budget=1, data_dir=data, runs_dir=project / "runs", repo_root=project,
+                  gpus=["a"], min_delta=0.0, executor=Scripted(lambda spec: 0.1, val_bpb))
+    first = overnight(LoopConfig(tag="seq-resume", max_experiments=5, **common), log=lambda _: None)
+    assert len(first.records) == 5
+    ledger = overnight(LoopConfig(tag="seq-resume", max_experiments=10, remeasure_noise=True,
+                                  **common), log=lambda _: None)
+    numbers = [r["number"] for r in ledger.records]
+    assert sorted(numbers) == list(range(len(numbers)))       # none lost, none duplicated
+    again = ledger.records[5:9]
+    assert [r["role"] for r in again] == ["noise"] * 4 and again[-1]["same_seed"] is True
+    assert {r["commit"] for r in again} == {ledger.records[0]["commit"]}
+    from runner import decide
+    noise = decide.noise_of(ledger.records)                  # both measurements of the commit
+    assert noise.seeds == [r["val_bpb"] for r in ledger.records[:3] + again[:3]]
+    assert [len(g) for g in noise.same_seed] == [2, 2] and noise.same_seed_text() == \
+        "over 4 runs of 2 seeds"

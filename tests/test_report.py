@@ -237,3 +237,36 @@ def test_write_report_one_and_no_record(tmp_path, setup):
         png, page = report.write_report(run_dir, None)
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert "no kept change yet" in page.read_text()
+
+
+def test_status_and_page_show_the_noise_and_each_keeps_test(tmp_path: Path):
+    """The measured noise (over seeds and over one seed's reruns), the reruns' share of trial
+    time, and the statistics a sequential keep was decided on."""
+    records = [rec(0, "keep", 1.00, "baseline", commit="a" * 40),
+               {**rec(1, "discard", 1.01, "noise: seed 1001", commit="a" * 40), "role": "noise"},
+               {**rec(2, "discard", 0.99, "noise: seed 1002", commit="a" * 40), "role": "noise"},
+               {**rec(3, "discard", 1.0003, "noise: same seed 0", commit="a" * 40),
+                "role": "noise", "same_seed": True},
+               {**rec(4, "keep", 0.975, "warmup 5%", commit="b" * 40),
+                "runs": [{"seed": 0, "val_bpb": 0.975, "wall_seconds": 333.0},
+                         {"seed": 1, "val_bpb": 0.976, "wall_seconds": 333.0}],
+                "test": {"rule": "sequential", "runs": [0.975, 0.976], "mean": 0.9755,
+                         "best_mean": 1.0, "statistic": 4.25, "critical": 2.97,
+                         "p_value": 0.0027, "alpha": 0.05}}]
+    for r in records[:4]:
+        r["role"] = r.get("role", "baseline")
+        r["seed"] = {0: 0, 1: 1001, 2: 1002, 3: 0}[r["number"]]
+    out = io.StringIO()
+    Console(file=out, width=200).print(report.status_table(records, TAG))
+    text = " ".join(out.getvalue().split())                     # the caption wraps
+    assert "noise sd 0.010000 over 3 seeds, 0.000212 over 2 runs of one seed" in text
+    assert "reruns 17% of trial time" in text                    # 333 of 6 x 333 s
+    assert "warmup 5% [2 runs]" in text
+    records[4]["mean_bpb"] = 0.9755
+    out = io.StringIO()
+    Console(file=out, width=200).print(report.status_table(records, TAG))
+    # both scores are means: the baseline's over its 3 seeds (not the same-seed rerun), #4's runs
+    assert "best 0.975500 (#4), -0.024500 vs baseline" in " ".join(out.getvalue().split())
+    page = report.report_html(records, TAG, {}, tmp_path / "r.html").read_text()
+    assert "2 runs, mean 0.975500 vs best 1.000000, t 4.25 (critical 2.97, p 0.0027, alpha 0.05)" in page
+    assert "noise (sd)" in page and "0.010000" in page

@@ -376,7 +376,7 @@ def test_overnight_docker_run_tracked_to_mlflow_and_wandb(stores, project: Path,
     tag = f"trk{os.getpid()}"
     cfg = LoopConfig(tag=tag, budget=2, data_dir=small_data, runs_dir=project / "runs",
                      repo_root=project, limits=small_limits(), eval_tokens=4096, max_experiments=2,
-                     agent="search", track=("mlflow", "wandb"))
+                     agent="search", track=("mlflow", "wandb"), noise_runs=1, same_seed_runs=0)
     logs: list[str] = []
     import docker
     cli = docker.from_env()

@@ -38,14 +38,17 @@ How the next move is chosen (seeded: the same seed and the same history give the
        moves that crashed are never retried.
     3. Never entered: beyond a move that crashed, timed out or ran out of memory, in that
        direction (``DEVICE_BATCH 64 -> 128`` was ``oom``: no value >= 128 is tried again).
-    4. A score per (NAME, direction): keep +1, discard that was better but inside the noise
+    4. Not proposed while anything else is left: a (NAME, direction) whose move the sequential
+       keep rule found ``flat`` (its runs inside the noise: ``effect`` in the history), on any
+       best file: the noise rule has shown it does not matter.
+    5. A score per (NAME, direction): keep +1, discard that was better but inside the noise
        +0.25, other discard -0.5, crash/timeout/oom -1; a discard that made things worse gives
        the opposite direction +0.25. Directions are drawn with weight exp(score) (clipped to
        [-2, 2]): untried ones weigh 1, so everything is explored, helpful ones are preferred.
-    5. Momentum: when the latest search result was a keep and the file still holds its value,
+    6. Momentum: when the latest search result was a keep and the file still holds its value,
        the same constant is pushed further in the same direction with probability `push_prob`.
-    6. The small step is taken, the big one with probability `big_step_prob` (or when the small
-       one is excluded by rules 2-3). When nothing is left, the proposal is ``train_py=None``
+    7. The small step is taken, the big one with probability `big_step_prob` (or when the small
+       one is excluded by rules 2-4). When nothing is left, the proposal is ``train_py=None``
        with an `error` (the loop records it as invalid).
 """
 
@@ -92,6 +95,7 @@ class Result:
     status: str
     delta: float | None
     number: int | None
+    flat: bool = False  # the sequential keep rule found its runs inside the noise
 
 
 # ---- reading the constants ----
@@ -330,7 +334,8 @@ class SearchAgent:
             delta = r.get("delta")
             self.results[key] = Result(name, old, new, 1 if new > old else -1, status,
                                        float(delta) if isinstance(delta, (int, float)) else None,
-                                       number if isinstance(number, int) else None)
+                                       number if isinstance(number, int) else None,
+                                       flat=r.get("effect") == "flat" and status == "discard")
 
     def _tiers(self) -> tuple[set, set]:
         """(moves ever tried or proposed, moves that may be retried because they were only
@@ -380,16 +385,23 @@ class SearchAgent:
 
     # -- proposing --
 
-    def _moves(self, knobs: list[Knob], rng: random.Random, allowed_moves: set | None
+    def flat(self) -> set[tuple[str, int]]:
+        """(name, direction) pairs the sequential keep rule found flat."""
+        return {(r.name, r.direction) for r in self.results.values() if r.flat}
+
+    def _moves(self, knobs: list[Knob], rng: random.Random, allowed_moves: set | None,
+               skip: set[tuple[str, int]] = frozenset()  # type: ignore[assignment]
                ) -> dict[tuple[str, int], tuple[Knob, float | int, str]]:
-        """One move per (name, direction). allowed_moves None: moves never tried; else only
-        those in the set."""
+        """One move per (name, direction), none in `skip`. allowed_moves None: moves never
+        tried; else only those in the set."""
         tried, _ = self._tiers()
         bounds = self._bounds()
         moves = {}
         for knob in knobs:
             lo, hi = bounds.get(knob.name, (-math.inf, math.inf))
             for direction in (1, -1):
+                if (knob.name, direction) in skip:
+                    continue
                 ok = []
                 for n, t in steps(knob, direction):
                     m = (knob.name, _key(knob.value), _key(n))
@@ -416,9 +428,11 @@ class SearchAgent:
         fingerprint = hashlib.sha256(current_train_py.encode()).hexdigest()[:16]
         memory = sorted((str(k), r.name, r.old, r.new, r.status) for k, r in self.results.items())
         rng = random.Random(f"{self.seed}|{fingerprint}|{memory}|{self.last_keep}|{len(self.issued)}")
-        moves = self._moves(knobs, rng, None)
-        if not moves:                      # everything new is used up: retry old discards
-            moves = self._moves(knobs, rng, self._tiers()[1])
+        flat = self.flat()
+        moves = (self._moves(knobs, rng, None, skip=flat)
+                 or self._moves(knobs, rng, self._tiers()[1], skip=flat))
+        if not moves:                      # only moves shown flat are left: they after all
+            moves = self._moves(knobs, rng, None) or self._moves(knobs, rng, self._tiers()[1])
         if not moves:
             return Proposal(None, "search: no proposal", model=self.model, seconds=time.time() - t0,
                             error="search: every perturbation of the constants has been tried on "

@@ -13,7 +13,8 @@ from typing import Any
 from runner.record import FAILED, Record
 from runner.report.plot import render_png
 from runner.report.summary import (annotate, bpb_of, date_text, duration, finite, fmt, is_kept,
-                                   money, number_of, one_line, status_of, summary, wall_seconds)
+                                   money, number_of, one_line, rule_text, status_of, summary,
+                                   wall_seconds)
 
 CSS = """
 :root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --bg:#ffffff; --soft:#f9fafb;
@@ -122,6 +123,8 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
             number = f'<a href="#diff-{n}">{n}</a>'
         commit = _e(str(rec.get("commit") or "-")[:7])
         desc = f"<div>{_e(rec.get('description') or '-')}</div>"
+        if test := rule_text(rec):
+            desc += f'<div class="decision">{_e(test)}</div>'
         if rec.get("reason"):
             desc += f'<div class="reason">{_e(one_line(rec.get("reason"), 600))}</div>'
         tail = rec.get("log_tail")
@@ -152,6 +155,8 @@ def _changes_html(records: list[Record], diffs: dict[int, str], have_repo: bool)
         if not is_kept(rec) or n is None or bpb is None or best_before is None:   # the baseline
             continue
         meta = f"val_bpb {bpb:.6f} ({bpb - best_before:+.6f})"
+        if test := rule_text(rec):
+            meta += f" · kept on {test}"
         if rec.get("commit"):
             meta += f" · {str(rec['commit'])[:7]}"
         body = diff_html(diffs[n]) if diffs.get(n) else (
@@ -195,6 +200,15 @@ def report_html(records: list[Record], tag: str, diffs: dict[int, str], path: Pa
                               f"{-pct:+.2f}% vs baseline {s['baseline_bpb']:.6f}", good=imp > 0))
     else:
         cards.append(card("best val_bpb", "-", "no scored experiment yet"))
+    noise = s["noise"]
+    if noise is not None:
+        cards.append(card("noise (sd)", fmt(noise.seed_sd, ".6f"),
+                          f"over {len(noise.seeds)} seeds; "
+                          + (f"{fmt(noise.same_seed_sd, '.6f')} {noise.same_seed_text()}"
+                             if noise.same_seed else "no same-seed rerun")))
+    if s["rerun_share"] is not None:
+        cards.append(card("reruns", f"{100 * s['rerun_share']:.0f}%",
+                          f"{duration(s['rerun_seconds'])} of trial time"))
     cards.append(card("LLM cost", money(s["cost_usd"]),
                       (f"{s['tokens']:,} tokens · " if s["tokens"] else "") + ", ".join(s["models"])))
     dates = f"{date_text(s['first'])} → {date_text(s['last'])}" if s["first"] else "no experiment yet"

@@ -11,6 +11,7 @@ import math
 from datetime import datetime
 from typing import Any, Iterable
 
+from runner.decide import noise_of, rerun_share
 from runner.record import FAILED, KEEP, Record
 
 def finite(value: Any) -> float | None:
@@ -32,6 +33,21 @@ def by_number(records: Iterable[Record]) -> list[Record]:
 
 def bpb_of(rec: Record) -> float | None:
     return finite(rec.get("val_bpb"))
+
+
+def score_of(rec: Record) -> float | None:
+    """What a kept record scored: the mean of its runs where it was rerun, else its val_bpb."""
+    mean = finite(rec.get("mean_bpb"))
+    return mean if mean is not None else bpb_of(rec)
+
+
+def baseline_score(records: list[Record], baseline: Record) -> float | None:
+    """The baseline's score: the mean over its seeds (the noise runs of its commit that are not
+    same-seed reruns), else its one val_bpb."""
+    values = [v for r in records if r.get("role") in ("baseline", "noise")
+              and r.get("commit") == baseline.get("commit") and not r.get("same_seed")
+              and (v := bpb_of(r)) is not None]
+    return sum(values) / len(values) if values else bpb_of(baseline)
 
 
 def status_of(rec: Record) -> str:
@@ -79,15 +95,20 @@ def summary(records: list[Record]) -> dict[str, Any]:
     ordered = by_number(records)
     kept = [r for r in ordered if is_kept(r)]
     baseline = next((r for r in kept if number_of(r) == 0), kept[0] if kept else None)
-    best = min(kept, key=lambda r: (bpb_of(r), -(number_of(r) or 0))) if kept else None
+    best = min(kept, key=lambda r: (score_of(r), -(number_of(r) or 0))) if kept else None
     counts: dict[str, int] = {}
     for r in ordered:
         counts[status_of(r)] = counts.get(status_of(r), 0) + 1
     llm: list[dict[str, Any]] = [x if isinstance(x := r.get("llm"), dict) else {} for r in ordered]
     dates = sorted(d for d in (local_time(r.get("started_at")) for r in ordered) if d is not None)
     walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
-    base_bpb = bpb_of(baseline) if baseline else None
-    best_bpb = bpb_of(best) if best else None
+    base_bpb = baseline_score(ordered, baseline) if baseline else None
+    best_bpb = (base_bpb if best is baseline else score_of(best)) if best else None
+    try:
+        noise = noise_of(ordered)
+        reruns, trials = rerun_share(ordered)
+    except (TypeError, ValueError):             # a hand-edited ledger must not break a report
+        noise, reruns, trials = None, 0.0, 0.0
     return {
         "experiments": len(ordered),
         "kept": len(kept),
@@ -107,7 +128,37 @@ def summary(records: list[Record]) -> dict[str, Any]:
         "first": dates[0] if dates else None,
         "last": dates[-1] if dates else None,
         "wall_seconds": sum(walls),
+        "noise": noise,
+        "rerun_seconds": reruns,
+        "rerun_share": reruns / trials if trials else None,
     }
+
+
+def noise_text(s: dict[str, Any]) -> str:
+    """The measured noise and the reruns' share in one line (the caption and the page)."""
+    noise = s.get("noise")
+    if noise is None:
+        return "noise not measured"
+    parts = [f"noise sd {fmt(noise.seed_sd, '.6f')} over {plural(len(noise.seeds), 'seed')}"]
+    if noise.same_seed:
+        parts.append(f"{fmt(noise.same_seed_sd, '.6f')} {noise.same_seed_text()}")
+    if s.get("rerun_share") is not None:
+        parts.append(f"reruns {100 * s['rerun_share']:.0f}% of trial time")
+    return ", ".join(parts)
+
+
+def rule_text(rec: Record) -> str:
+    """What the keep rule found for one record (runs, means, the statistic), or ''."""
+    t = rec.get("test")
+    if not isinstance(t, dict) or t.get("rule") != "sequential":
+        return ""
+    runs = r if isinstance(r := t.get("runs"), list) else []
+    text = f"{plural(len(runs), 'run')}, mean {fmt(finite(t.get('mean')), '.6f')} vs best " \
+           f"{fmt(finite(t.get('best_mean')), '.6f')}"
+    if finite(t.get("statistic")) is not None:
+        text += (f", t {t['statistic']:.2f} (critical {fmt(finite(t.get('critical')), '.2f')}, "
+                 f"p {fmt(finite(t.get('p_value')), '.4f')}, alpha {t.get('alpha')})")
+    return text
 
 
 def plural(n: int, word: str) -> str:

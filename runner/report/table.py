@@ -7,8 +7,8 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.record import FAILED, STATUS_STYLE, Record
-from runner.report.summary import (annotate, bpb_of, finite, fmt, money, number_of, one_line,
-                                   plural, status_of, summary, wall_seconds)
+from runner.report.summary import (annotate, bpb_of, finite, fmt, money, noise_text, number_of,
+                                   one_line, plural, status_of, summary, wall_seconds)
 
 def status_table(records: list[Record], tag: str, description_width: int = 60) -> Table:
     """One row per experiment, with a caption that sums the run up. Every string from the
@@ -39,6 +39,8 @@ def status_table(records: list[Record], tag: str, description_width: int = 60) -
             delta = Text("-", style="dim")
         reason = one_line(rec.get("reason")) if status in FAILED else ""
         text = one_line(rec.get("description")) or "-"
+        if isinstance(runs := rec.get("runs"), list) and len(runs) > 1:
+            text += f" [{len(runs)} runs]"
         if reason:                       # the description, then as much of the reason as fits
             text = one_line(text, max(description_width // 2, description_width - len(reason) - 2))
         desc = Text(one_line(text, description_width))
@@ -76,4 +78,5 @@ def caption(records: list[Record]) -> Text:
     else:
         text.append(" · no scored experiment yet")
     text.append(f" · LLM cost {money(s['cost_usd'])}")
+    text.append(f"\n{noise_text(s)}")
     return text
