@@ -124,7 +124,7 @@ sys.path.insert(0, {repo!r})
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Limits
 limits = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=120, score_memory_bytes=4 * 2**30)
+                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=300, score_memory_bytes=4 * 2**30)
 cfg = LoopConfig(tag={tag!r}, budget=2, data_dir=Path({data!r}), runs_dir=Path({runs!r}),
                  repo_root=Path({project!r}), limits=limits, eval_tokens=4096,
                  max_experiments={n}, agent="search")
