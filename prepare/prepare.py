@@ -51,7 +51,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -432,8 +432,12 @@ def download_shards(base: str, indices: list[int], cache: Path) -> list[Path]:
     jobs = [(f"{base.rstrip('/')}/{SHARD_NAME.format(i)}", folder / SHARD_NAME.format(i))
             for i in indices]
     log(f"downloading {len(jobs)} shard(s) from {base} ...")
-    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(jobs))) as pool:
+    from concurrent.futures import as_completed
+    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(jobs))) as pool, \
+            progress("downloading", len(jobs), "shards") as advance:
         futures = [pool.submit(download_shard, url, dest) for url, dest in jobs]
+        for future in as_completed(futures):
+            advance(1)
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise errors[0]  # type: ignore[misc]
@@ -464,7 +468,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS_TOKEN], show_progress=False,
+        vocab_size=vocab_size, special_tokens=[BOS_TOKEN], show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -480,11 +484,42 @@ def token_byte_lengths(tok) -> np.ndarray:
     return lengths
 
 
-def encode_docs(tok, docs: list[str], bos_id: int, dtype) -> np.ndarray:
+@contextlib.contextmanager
+def progress(what: str, total: int, unit: str = "docs") -> Iterator[Callable[[int], None]]:
+    """Progress of a long step on stderr: a rich bar with counts and time left on a terminal
+    (where rich is installed), else a line at every tenth of the way."""
+    t0, done, shown = time.time(), [0], [0]
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+        except ImportError:
+            pass
+        else:
+            with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), unit,
+                          TimeElapsedColumn(), "left", TimeRemainingColumn(),
+                          transient=False) as bar:
+                task = bar.add_task(what, total=total)
+                yield lambda n: bar.advance(task, n)
+            return
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if done[0] * 10 // max(total, 1) > shown[0] or done[0] >= total:
+            shown[0] = done[0] * 10 // max(total, 1)
+            spent = time.time() - t0
+            left = spent * (total - done[0]) / done[0] if done[0] else float("nan")
+            log(f"{what}: {done[0]:,}/{total:,} {unit}, {spent:.0f} s, about {left:.0f} s left")
+    yield advance
+
+
+def encode_docs(tok, docs: list[str], bos_id: int, dtype, what: str = "tokenizing") -> np.ndarray:
     out, batch = [], 256
-    for i in range(0, len(docs), batch):
-        for enc in tok.encode_batch(docs[i:i + batch], add_special_tokens=False):
-            out.append(np.array([bos_id] + enc.ids, dtype=dtype))
+    with progress(what, len(docs)) as advance:
+        for i in range(0, len(docs), batch):
+            for enc in tok.encode_batch(docs[i:i + batch], add_special_tokens=False):
+                out.append(np.array([bos_id] + enc.ids, dtype=dtype))
+            advance(len(docs[i:i + batch]))
     return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
 
 
@@ -586,8 +621,8 @@ def build(settings: dict[str, Any], out: Path, vocab_size: int, cache: Path) -> 
     np.save(out / "token_bytes.npy", token_byte_lengths(tok), allow_pickle=False)
 
     log("tokenizing ...")
-    train = encode_docs(tok, train_docs, bos_id, dtype)
-    val = encode_docs(tok, val_docs, bos_id, dtype)
+    train = encode_docs(tok, train_docs, bos_id, dtype, "tokenizing the training split")
+    val = encode_docs(tok, val_docs, bos_id, dtype, "tokenizing the validation split")
     if len(val) < SEQ_LEN + 1:
         raise DataError(f"the validation split has {len(val)} tokens, fewer than one scoring "
                         f"window ({SEQ_LEN + 1}): give the source more text")

@@ -6,6 +6,7 @@ import hashlib
 import io
 import subprocess
 import json
+import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,20 @@ def test_textdir_build_writes_verifiable_manifest(small_data: Path):
     assert any(rel.startswith("train/shard_") for rel in manifest["files"])
     # Validation tokens live apart from training tokens, so a sandbox can mount one only.
     assert not any(rel.startswith("val/") for rel in manifest["files"] if "train" in rel)
+
+
+def test_a_build_shows_its_progress(tmp_path: Path):
+    """Without a terminal, tokenizing says how far it is, with counts and time left, at each
+    tenth of the way (on a terminal it is a rich bar)."""
+    from conftest import write_corpus
+    corpus = write_corpus(tmp_path / "corpus", files=300, words_per_file=200)
+    proc = run_prepare("data", "--dataset", f"textdir:{corpus}", "--data-dir", str(tmp_path / "d"),
+                       "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    lines = re.findall(r"^tokenizing the training split: ([\d,]+)/([\d,]+) docs, \d+ s, "
+                       r"about \d+ s left$", proc.stderr, re.M)
+    assert len(lines) >= 1 and lines[-1][0] == lines[-1][1], proc.stderr
+    assert "tokenizing the validation split:" in proc.stderr
 
 
 def test_token_byte_lengths_match_decoded_text(small_data: Path):
