@@ -20,12 +20,17 @@ from typing import Any, Callable
 
 @dataclass
 class History:
-    """What the agent may know; built by the loop from the ledger."""
+    """What the agent may know; built by the loop from the ledger (`runner.agents.memory.build`)
+    and rendered for a prompt by `runner.agents.memory.render`."""
 
     best: list[dict] = field(default_factory=list)     # {"number","status","val_bpb","delta","description"}
     recent: list[dict] = field(default_factory=list)   # the last few experiments, same fields
     last_failure: str = ""                             # the last failure's log tail: UNTRUSTED
     best_val_bpb: float | None = None
+    experiments: list[dict] = field(default_factory=list)   # every experiment, by number (same fields)
+    kept_diffs: list[dict] = field(default_factory=list)    # {"number","delta","description","diff"}
+    best_training: dict = field(default_factory=dict)       # numbers of how the best trained
+    failures: list[dict] = field(default_factory=list)      # the last few: {"number","status","reason","log_tail"}
 
 
 @dataclass
