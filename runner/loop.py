@@ -49,7 +49,7 @@ MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken
 @dataclass
 class LoopConfig:
     tag: str
-    agent: str = "search"                 # "search" or "llm"
+    agent: str = "search"                 # "search", "llm" or "exec" (options: agent_options)
     model: str | None = None              # litellm model string for the llm agent
     api_base: str | None = None
     budget: int = DEFAULT_BUDGET
@@ -223,7 +223,7 @@ class Overnight:
         options = dict(cfg.agent_options)
         if cfg.agent == "llm":
             options.update(model=cfg.model, api_base=cfg.api_base)
-        else:
+        elif cfg.agent == "search":
             options.setdefault("seed", cfg.seed)
             on_gpu = self.executor.uses_gpu(cfg.gpus[0])
             options.setdefault("device", "gpu" if on_gpu else "cpu")   # the branch that runs

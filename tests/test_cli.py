@@ -129,3 +129,14 @@ def test_every_command_has_help() -> None:
     for command in ("prepare", "trial", "overnight", "status", "report", "reproduce", "images"):
         result = CliRunner().invoke(autoresearch, [command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, command
+
+
+def test_overnight_exec_agent_options_are_checked() -> None:
+    result = CliRunner().invoke(autoresearch, ["overnight", "--agent", "exec"])
+    assert result.exit_code == 2 and "--agent exec needs --agent-command" in result.output
+    result = CliRunner().invoke(autoresearch, ["overnight", "--agent", "search",
+                                               "--agent-command", "true"])
+    assert result.exit_code == 2 and "--agent-command is for --agent exec" in result.output
+    result = CliRunner().invoke(autoresearch, ["overnight", "--help"])
+    for option in ("--agent-command", "--agent-timeout", "--agent-env", "--agent-keep-home"):
+        assert option in result.output
