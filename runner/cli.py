@@ -469,8 +469,9 @@ def reproduce(ref: str, data_dir: Path | None, gpu: str | None, as_json: bool) -
               hidden=True, help="Where runs live (default: <repo>/runs).")
 def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
     """One row per experiment: status, val_bpb, the change against the best before it,
-    memory, training and wall seconds, description. The caption sums the run up: kept,
-    failed, the best val_bpb and LLM cost. Safe to run while `overnight` is running.
+    memory, training and wall seconds, LLM tokens and cost, GPU-hours, description. The
+    caption sums the run up: kept, failed, the best val_bpb, LLM tokens and cost next to
+    GPU-hours, and what one kept improvement cost. Safe to run while `overnight` is running.
     """
     from rich.console import Console
 
@@ -481,7 +482,7 @@ def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     console = Console()
-    width = max(10, min(console.width - 70, 90))      # rows stay on one line in the terminal
+    width = max(10, min(console.width - 92, 90))      # rows stay on one line in the terminal
     console.print(status_table(load_records(run_dir), run_dir.name, description_width=width))
 
 
