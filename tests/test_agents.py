@@ -527,8 +527,8 @@ def test_search_retries_old_discards_only_when_nothing_new_is_left():
 # ---------------------------------------------------------------------------------------------
 
 BEST_LOG = ("device: cpu  params: 0.10M\n"
-            + "".join(f"step {s:5d}  {p:5.1f}%  loss {l:.4f}  lr 1.000  tok/s     90000  left 1.0s\n"
-                      for s, p, l in [(10, 5.0, 7.1), (40, 20.0, 5.2), (80, 40.0, 4.4), (120, 60.0, 4.0),
+            + "".join(f"step {s:5d}  {p:5.1f}%  loss {loss:.4f}  lr 1.000  tok/s     90000  left 1.0s\n"
+                      for s, p, loss in [(10, 5.0, 7.1), (40, 20.0, 5.2), (80, 40.0, 4.4), (120, 60.0, 4.0),
                                       (160, 80.0, 3.8), (200, 100.0, 3.7)])
             + "holdout loss 3.9000 at 30s (best 3.9000 at 30s)\n"
             + "holdout loss 3.8000 at 60s (best 3.8000 at 60s)\n"
@@ -581,7 +581,8 @@ def memory_section(prompt: str) -> str:
 def test_prompt_holds_the_whole_run():
     from runner.agents import memory
     records = synthetic_run(30, seed=2)
-    diffs = {f"c{r['number']}": f"--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-X = 1\n+X = {r['number']}  # KEPT-{r['number']}\n"
+    diffs = {f"c{r['number']}": ("--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-X = 1\n"
+                                  f"+X = {r['number']}  # KEPT-{r['number']}\n")
              for r in records if r["status"] == "keep"}
     history = memory.build(records, diff=lambda parent, commit: diffs[commit])
     text = prompt_of(history)

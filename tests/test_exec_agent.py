@@ -112,7 +112,7 @@ def test_exec_agent_edits_in_a_scratch_folder(agent_script: Path, tmp_path: Path
     assert REPO not in cwd.parents and cwd != REPO                    # outside the repository
     assert not cwd.exists()                                          # and cleaned up after
     assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR",
-                                "AR_TEST_KEY", "PWD", "SHLVL", "_", "LC_CTYPE"}
+                                "AR_TEST_KEY", "PWD", "SHLVL", "_"}
     assert seen["env"]["AR_TEST_KEY"] == "sk-for-the-agent" and "AR_TEST_SECRET" not in seen["env"]
     assert Path(seen["env"]["HOME"]).parent == cwd.parent and seen["env"]["HOME"] != os.environ.get("HOME")
     assert str(REPO) not in json.dumps(seen["env"])

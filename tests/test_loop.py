@@ -334,7 +334,8 @@ def test_overnight_exec_agent(project: Path, small_data: Path, tmp_path: Path):
     assert by[3]["status"] == "invalid" and "timed out after 3 s" in by[3]["reason"]
     assert 3.0 <= by[3]["phases"]["propose"] < 3.0 + 1.0 + 10.0
     repo = git.Repo(project)
-    assert "ROPE_BASE = 20000.0" in repo.git.show(f"{by[4]['candidate_commit'] if by[4]['status'] == 'keep' else by[4]['commit']}:target/train.py")
+    fourth = by[4]["candidate_commit"] if by[4]["status"] == "keep" else by[4]["commit"]
+    assert "ROPE_BASE = 20000.0" in repo.git.show(f"{fourth}:target/train.py")
     # The fourth call saw the run so far, the two failed proposals with their reasons included.
     memory = Path(f"{seen}.4.md").read_text()
     assert "#0 keep " in memory and "#2 invalid " in memory and "#3 invalid " in memory
