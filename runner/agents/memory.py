@@ -79,7 +79,8 @@ def _finite(value: Any) -> float | None:
 def row(r: Record) -> dict[str, Any]:
     return {"number": r.get("number"), "status": r.get("status"), "val_bpb": r.get("val_bpb"),
             "delta": r.get("delta"), "description": r.get("description", ""),
-            "role": r.get("role")}
+            "role": r.get("role"),
+            "effect": (t if isinstance(t := r.get("test"), dict) else {}).get("effect")}
 
 
 def training_summary(r: Record) -> dict[str, Any]:
