@@ -257,9 +257,24 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @autoresearch.command(short_help="Run the research loop: propose, train, score, keep or discard.")
 @click.option("--tag", default=None, help="Run name (branch autoresearch/<tag>, folder runs/<tag>). "
               "Default: today's date, e.g. nov26. A reused tag resumes that run.")
-@click.option("--agent", type=click.Choice(["llm", "search"]), default=None,
+@click.option("--agent", type=click.Choice(["llm", "search", "exec"]), default=None,
               help="llm: an LLM through litellm. search: the built-in hyperparameter search "
-              "(no LLM). Default: llm when a model is configured, else search.")
+              "(no LLM). exec: a coding agent run as --agent-command once per proposal. "
+              "Default: exec with --agent-command, llm when a model is configured, else search.")
+@click.option("--agent-command", default=None, metavar="COMMAND",
+              help="For --agent exec: a shell command run once per proposal in a scratch folder "
+              "holding train.py, program.md, TASK.md, memory.md, diffs/ and logs/ ({prompt} becomes "
+              "a quoted one-line instruction). It edits train.py and writes DESCRIPTION. Not a "
+              "sandbox: it runs as you (see the README).")
+@click.option("--agent-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              metavar="S", help="For --agent exec: seconds one proposal may take; then its "
+              "process group is killed and the proposal recorded as invalid.")
+@click.option("--agent-env", "agent_env", multiple=True, metavar="NAME",
+              help="For --agent exec: pass this environment variable (e.g. ANTHROPIC_API_KEY); "
+              "repeat for more. Only PATH, LANG, LC_ALL, LC_CTYPE and TZ pass otherwise.")
+@click.option("--agent-keep-home", is_flag=True,
+              help="For --agent exec: keep your HOME (for agents that log in through files there) "
+              "instead of a fresh empty one in the scratch folder.")
 @click.option("--model", default=None, envvar="AUTORESEARCH_MODEL",
               help="litellm model string, e.g. anthropic/claude-sonnet-4-5, openai/gpt-5, or "
               "openai/<name> with --api-base for a local server [env AUTORESEARCH_MODEL].")
@@ -322,7 +337,9 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
               help="Also send every experiment to MLflow or Weights & Biases (repeat for both; "
               "pip install 'autoresearch[tracking]'). Configured by their own variables: "
               "MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...")
-def overnight(tag: str | None, agent: str | None, model: str | None, api_base: str | None,
+def overnight(tag: str | None, agent: str | None, agent_command: str | None,
+              agent_timeout: float, agent_env: tuple[str, ...], agent_keep_home: bool,
+              model: str | None, api_base: str | None,
               temperature: float | None, max_tokens: int | None, budget: int | None,
               max_experiments: int | None, until: str | None,
               max_cost: float | None, backend: str, data_dir: Path | None, gpus: str | None,
@@ -355,12 +372,25 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
 
     say = (lambda line: click.echo(line, err=True))
     if agent is None:
-        agent = "llm" if model else "search"
+        agent = "exec" if agent_command else "llm" if model else "search"
         if agent == "search":
             say("agent: search (built in, no LLM). For an LLM: --model MODEL (litellm string; "
                 "API key in its usual variable) or --model openai/NAME --api-base URL.")
     if agent == "llm" and not model:
         raise click.UsageError("--agent llm needs --model (or AUTORESEARCH_MODEL)")
+    if agent == "exec" and not (agent_command or "").strip():
+        raise click.UsageError("--agent exec needs --agent-command")
+    if agent_command and agent != "exec":
+        raise click.UsageError(f"--agent-command is for --agent exec, not --agent {agent}")
+    agent_options: dict = {k: v for k, v in (("temperature", temperature),
+                                             ("max_tokens", max_tokens)) if v is not None}
+    if agent == "exec":
+        missing = [name for name in agent_env if name not in os.environ]
+        if missing:
+            say(f"--agent-env: {', '.join(missing)} not set here; the agent runs without it")
+        agent_options = {"command": agent_command, "timeout": agent_timeout,
+                         "env": list(agent_env), "keep_home": agent_keep_home}
+        say("agent: exec (runs as you, in a scratch folder; not a sandbox)")
     if track:
         from runner.tracking import TrackingError, check
         try:
@@ -417,8 +447,7 @@ def overnight(tag: str | None, agent: str | None, model: str | None, api_base: s
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
                      gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
                      eval_tokens=eval_tokens, executor=executor, track=tuple(track),
-                     agent_options={k: v for k, v in (("temperature", temperature),
-                                                      ("max_tokens", max_tokens)) if v is not None})
+                     agent_options=agent_options)
     if note := user_checkout_warning():
         say(note)
     if backend == "process":
@@ -515,8 +544,9 @@ def machine_cmd(backend: str, as_json: bool, field: str | None) -> None:
               hidden=True, help="Where runs live (default: <repo>/runs).")
 def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
     """One row per experiment: status, val_bpb, the change against the best before it,
-    memory, training and wall seconds, description. The caption sums the run up: kept,
-    failed, the best val_bpb and LLM cost. Safe to run while `overnight` is running.
+    memory, training and wall seconds, LLM tokens and cost, GPU-hours, description. The
+    caption sums the run up: kept, failed, the best val_bpb, LLM tokens and cost next to
+    GPU-hours, and what one kept improvement cost. Safe to run while `overnight` is running.
     """
     from rich.console import Console
 
@@ -527,7 +557,7 @@ def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     console = Console()
-    width = max(10, min(console.width - 70, 90))      # rows stay on one line in the terminal
+    width = max(10, min(console.width - 92, 90))      # rows stay on one line in the terminal
     console.print(status_table(load_records(run_dir), run_dir.name, description_width=width))
 
 

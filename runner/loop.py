@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner import decide, record
-from runner.agents import History, Propose, make_agent
+from runner.agents import History, Propose, make_agent, memory
 from runner.ledger import Ledger
 from runner.paths import DEFAULT_BUDGET, PROGRAM_MD, REPO_ROOT, RUNS_DIR
-from runner.record import FAILED, KEEP, Record
+from runner.record import KEEP, Record
 from runner.repo import RunRepo, check_tag, open_run
 from runner.sandbox import InfrastructureError, LimitRequest, Limits, TrialSpec
 from runner.trial import Executor, LocalTrials
@@ -57,7 +57,7 @@ MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken
 @dataclass
 class LoopConfig:
     tag: str
-    agent: str = "search"                 # "search" or "llm"
+    agent: str = "search"                 # "search", "llm" or "exec" (options: agent_options)
     model: str | None = None              # litellm model string for the llm agent
     api_base: str | None = None
     budget: int = DEFAULT_BUDGET
@@ -153,19 +153,9 @@ def parse_until(text: str, now: datetime | None = None) -> datetime:
     return when if when > now else when + timedelta(days=1)
 
 
-def history(ledger: Ledger) -> History:
-    def row(r: Record) -> dict[str, Any]:
-        return {"number": r.get("number"), "status": r.get("status"), "val_bpb": r.get("val_bpb"),
-                "delta": r.get("delta"), "description": r.get("description", ""),
-                "effect": (r.get("test") or {}).get("effect")}   # sequential rule: flat, ...
-
-    scored = sorted((r for r in ledger.records if r.get("val_bpb") is not None),
-                    key=lambda r: r.get("val_bpb") or 0.0)
-    failures = [r for r in ledger.records if r.get("status") in FAILED]
-    best = ledger.best()
-    return History(best=[row(r) for r in scored[:5]], recent=[row(r) for r in ledger.records[-8:]],
-                   last_failure=(failures[-1].get("log_tail") or "") if failures else "",
-                   best_val_bpb=best["val_bpb"] if best else None)
+def history(ledger: Ledger, diff: Callable[[str, str], str] | None = None) -> History:
+    """What the agent knows of the run: every record (`runner.agents.memory.build`)."""
+    return memory.build(ledger.records, diff)
 
 
 def spread(ledger: Ledger) -> float:
@@ -248,6 +238,7 @@ class Overnight:
         self.lock = threading.RLock()                   # ledger, git, state
         self.executor.sweep_orphans(log)
         self.agent: Propose = make_agent(cfg.agent, **self.agent_options())
+        self.diff = memory.cached(self.repo.diff)      # kept changes' diffs, for the agent
         self.program = PROGRAM_MD.read_text(encoding="utf-8") if PROGRAM_MD.exists() else ""
         from runner.tracking import open_tracking       # None without --track
         self.tracking = open_tracking(cfg.track, cfg.tag, self.run_dir, self.ledger.records,
@@ -269,7 +260,7 @@ class Overnight:
         options = dict(cfg.agent_options)
         if cfg.agent == "llm":
             options.update(model=cfg.model, api_base=cfg.api_base)
-        else:
+        elif cfg.agent == "search":
             options.setdefault("seed", cfg.seed)
             on_gpu = self.executor.uses_gpu(cfg.gpus[0])
             options.setdefault("device", "gpu" if on_gpu else "cpu")   # the branch that runs
@@ -344,7 +335,7 @@ class Overnight:
             parent = str(best["commit"])
             number = max(self.reserved + [self.ledger.next_number() - 1]) + 1
             self.reserved.append(number)
-            text, hist = self.repo.read_train(parent), history(self.ledger)
+            text, hist = self.repo.read_train(parent), history(self.ledger, self.diff)
         proposal = self.agent(self.program, text, hist)
         llm = {"model": proposal.model, "prompt_tokens": proposal.prompt_tokens,
                "completion_tokens": proposal.completion_tokens, "cost_usd": proposal.cost_usd,

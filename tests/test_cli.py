@@ -183,3 +183,14 @@ def test_images_build_takes_the_base_the_machine_needs_and_says_why(
     monkeypatch.setenv("AUTORESEARCH_BASE", "offline")
     result = CliRunner().invoke(autoresearch, ["images", "build"])
     assert built == [False, True] and "machine:" not in result.output
+
+
+def test_overnight_exec_agent_options_are_checked() -> None:
+    result = CliRunner().invoke(autoresearch, ["overnight", "--agent", "exec"])
+    assert result.exit_code == 2 and "--agent exec needs --agent-command" in result.output
+    result = CliRunner().invoke(autoresearch, ["overnight", "--agent", "search",
+                                               "--agent-command", "true"])
+    assert result.exit_code == 2 and "--agent-command is for --agent exec" in result.output
+    result = CliRunner().invoke(autoresearch, ["overnight", "--help"])
+    for option in ("--agent-command", "--agent-timeout", "--agent-env", "--agent-keep-home"):
+        assert option in result.output

@@ -285,3 +285,66 @@ def test_candidates_train_while_the_baseline_runs(project: Path, small_data: Pat
         assert f"best {by[0]['val_bpb']:.6f}" in by[1]["decision"] and by[1]["best_before"] == 0
     check_branch_agrees(project, tag, ledger)
     assert no_containers_left(tag)
+
+
+EXEC_AGENT = """
+import os, sys, time
+state, seen = sys.argv[1], sys.argv[2]
+n = int(open(state).read()) + 1 if os.path.exists(state) else 1
+open(state, "w").write(str(n))
+open(seen + f".{n}.md", "w").write(open("memory.md").read())
+text = open("train.py").read()
+if n == 1:
+    open("train.py", "w").write(text.replace("LOGIT_SOFTCAP = 15.0", "LOGIT_SOFTCAP = 20.0"))
+    open("DESCRIPTION", "w").write("softcap 20 (exec)\\n")
+elif n == 2:
+    print("agent: out of ideas, giving up", file=sys.stderr)
+    sys.exit(2)
+elif n == 3:
+    time.sleep(600)
+else:
+    open("train.py", "w").write(text.replace("ROPE_BASE = 10000.0", "ROPE_BASE = 20000.0"))
+    print("Raised the RoPE base.\\nDESCRIPTION: rope base 20k (exec)")
+"""
+
+
+def test_overnight_exec_agent(project: Path, small_data: Path, tmp_path: Path):
+    """A scripted coding agent as the proposer: one good edit, one crash, one hang (killed at
+    the limit), one more edit; the failures are invalid records and the loop goes on."""
+    import shlex
+    import time
+
+    script = tmp_path / "agent.py"
+    script.write_text(EXEC_AGENT)
+    seen = tmp_path / "seen"
+    command = " ".join(shlex.quote(str(a)) for a in (sys.executable, script, tmp_path / "state", seen))
+    tag = f"{SESSION}-exec"
+    t0 = time.monotonic()
+    cfg = config(project, small_data, tag, max_experiments=5, agent="exec",
+                 agent_options={"command": command, "timeout": 3.0, "kill_grace": 1.0})
+    cfg.limits = Limits(**{**LIMITS.__dict__, "score_timeout_s": 600})   # a busy shared CPU
+    ledger = overnight(cfg, log=lambda _: None)
+    by = {r["number"]: r for r in ledger.records}
+    assert sorted(by) == [0, 1, 2, 3, 4] and by[0]["role"] == "baseline"
+    # The two edits were committed, built, trained and scored (on a busy CPU the scorer may
+    # still call one invalid, e.g. past its time limit: that is the trial's verdict, not the agent's).
+    for n, want in ((1, "softcap 20 (exec)"), (4, "rope base 20k (exec)")):
+        assert by[n]["description"] == want and by[n]["commit"] and by[n]["image_tag"]
+        assert by[n]["decision"] != "no valid proposal" and by[n].get("score"), by[n]["reason"]
+    assert by[1]["llm"]["model"] == "exec:" + Path(sys.executable).name
+    assert by[2]["status"] == "invalid" and by[2]["commit"] is None
+    assert "exited with code 2" in by[2]["reason"] and "out of ideas" in by[2]["reason"]
+    assert by[3]["status"] == "invalid" and "timed out after 3 s" in by[3]["reason"]
+    assert 3.0 <= by[3]["phases"]["propose"] < 3.0 + 1.0 + 10.0
+    repo = git.Repo(project)
+    fourth = by[4]["candidate_commit"] if by[4]["status"] == "keep" else by[4]["commit"]
+    assert "ROPE_BASE = 20000.0" in repo.git.show(f"{fourth}:target/train.py")
+    # The fourth call saw the run so far, the two failed proposals with their reasons included.
+    memory = Path(f"{seen}.4.md").read_text()
+    assert "#0 keep " in memory and "#2 invalid " in memory and "#3 invalid " in memory
+    assert "timed out" in memory and "exited with code 2" in memory
+    training = memory[memory.index("## How the best trained"):]
+    assert "- steps: " in training and "- tokens/s: " in training and "best holdout loss" in training
+    check_branch_agrees(project, tag, ledger)
+    assert no_containers_left(tag)
+    assert time.monotonic() - t0 < 600

@@ -270,3 +270,42 @@ def test_status_and_page_show_the_noise_and_each_keeps_test(tmp_path: Path):
     page = report.report_html(records, TAG, {}, tmp_path / "r.html").read_text()
     assert "2 runs, mean 0.975500 vs best 1.000000, t 4.25 (critical 2.97, p 0.0027, alpha 0.05)" in page
     assert "noise (sd)" in page and "0.010000" in page
+
+
+# ---- cost per result ----
+
+def test_cost_per_result_in_status_and_report(setup, tmp_path):
+    import copy
+    _, records = setup
+    gpu_run = copy.deepcopy(records)
+    for r in gpu_run:
+        if r["status"] != "invalid":                     # NVML sampled one GPU while it trained
+            r["gpu"] = {"index": 0, "name": "H200", "util_gpu_mean": 91.0}
+    gpu_run[9]["cluster"] = {"node": "n1", "gpu": "0,1"}    # a Ray trial on two GPUs
+    s = report.summary(gpu_run)
+    assert s["tokens"] == 10 * 1200 and s["cost_usd"] == pytest.approx(0.095)
+    assert s["gpu_hours"] == pytest.approx((8 * 310 + 2 * 310) / 3600)
+    assert s["train_hours"] == pytest.approx(9 * 310 / 3600)
+    per = s["per_kept"]                                  # three kept changes (#3, #6, #9)
+    assert per["cost_usd"] == pytest.approx(0.095 / 3) and per["tokens"] == pytest.approx(4000)
+    assert per["gpu_hours"] == pytest.approx(3100 / 3600 / 3)
+    table = report.status_table(gpu_run, TAG)
+    caption = str(table.caption)
+    assert ("LLM 12,000 tokens $0.10 · GPU 0.861 h (train phases 0.775 h) · per kept "
+            "improvement: $0.03, 4,000 tokens, 0.287 GPU h") in caption
+    text = render(table)
+    row9 = next(line for line in text.splitlines() if "deeper model" in line)
+    assert "1,200" in row9 and "0.0300" in row9 and "0.172" in row9       # 2 GPUs x 310 s
+    row4 = next(line for line in text.splitlines() if "markup" in line)
+    assert "1,200" in row4 and "0.0050" in row4 and "0.086" not in row4     # nothing trained
+    # A CPU run: no GPU-hours, the train phases still counted.
+    cpu = str(report.status_table(records, TAG).caption)
+    assert "GPU 0.000 h (train phases 0.775 h)" in cpu and "0.000 GPU h" in cpu
+    assert "cpu" in render(report.status_table(records, TAG))
+    # Before the first kept change there is no cost per improvement to give.
+    assert report.summary(records[:3])["per_kept"] is None
+    assert "no kept improvement yet" in str(report.status_table(records[:3], TAG).caption)
+    page = report.report_html(gpu_run, TAG, {}, tmp_path / "r.html", png=b"x").read_text()
+    assert "GPU-hours" in page and ">0.861<" in page
+    assert "$0.03 · 0.287 GPU h" in page and "3 kept change(s)" in page
+    assert "<td class=num>0.172</td>" in page and "<td class=num>0.0300</td>" in page

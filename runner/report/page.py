@@ -12,9 +12,11 @@ from typing import Any
 
 from runner.record import FAILED, Record
 from runner.report.plot import render_png
-from runner.report.summary import (annotate, bpb_of, date_text, duration, finite, fmt, is_kept,
-                                   money, number_of, one_line, rule_text, status_of, summary,
+from runner.report.summary import (annotate, bpb_of, cost_of, date_text, duration, finite, fmt,
+                                   gpu_hours, gpus_of, is_kept, money, number_of, one_line,
+                                   rule_text, status_of, summary, tokens_of, train_seconds,
                                    wall_seconds)
+from runner.report.table import hours
 
 CSS = """
 :root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --bg:#ffffff; --soft:#f9fafb;
@@ -104,7 +106,8 @@ def diff_html(diff: str) -> str:
 def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
     head = ("<tr><th class=num>#</th><th>status</th><th class=num>val_bpb</th>"
             "<th class=num>Δ best</th><th class=num>mem GB</th><th class=num>train s</th>"
-            "<th class=num>wall s</th><th>started</th><th>commit</th><th>description</th></tr>")
+            "<th class=num>wall s</th><th class=num>tokens</th><th class=num>LLM $</th>"
+            "<th class=num>GPU h</th><th>started</th><th>commit</th><th>description</th></tr>")
     rows = []
     for rec, best_before in annotate(records):
         status = status_of(rec)
@@ -133,6 +136,7 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
             desc += ("<details><summary>log tail (candidate output, untrusted)</summary>"
                      f"<pre>{_e(chr(10).join(lines))}</pre></details>")
         anchor = f' id="exp-{n}"' if n is not None else ""
+        gpu_cell = hours(gpu_hours(rec)) if gpus_of(rec) else ("cpu" if train_seconds(rec) else "-")
         rows.append(
             f'<tr class="{cls}"{anchor}>'
             f"<td class=num>{number}</td>"
@@ -141,6 +145,9 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
             f"<td class=num>{fmt(finite(rec.get('memory_gb')), '.1f')}</td>"
             f"<td class=num>{fmt(finite(rec.get('training_seconds')), '.0f')}</td>"
             f"<td class=num>{fmt(wall_seconds(rec), '.0f')}</td>"
+            f"<td class=num>{f'{tokens_of(rec):,}' if tokens_of(rec) else '-'}</td>"
+            f"<td class=num>{f'{cost_of(rec):.4f}' if cost_of(rec) else '-'}</td>"
+            f"<td class=num>{gpu_cell}</td>"
             f"<td class=mono>{_e(date_text(rec.get('started_at')))}</td>"
             f"<td class=mono>{commit}</td><td class=desc>{desc}</td></tr>")
     return (f'<div class="tablewrap"><table><thead>{head}</thead>'
@@ -211,6 +218,13 @@ def report_html(records: list[Record], tag: str, diffs: dict[int, str], path: Pa
                           f"{duration(s['rerun_seconds'])} of trial time"))
     cards.append(card("LLM cost", money(s["cost_usd"]),
                       (f"{s['tokens']:,} tokens · " if s["tokens"] else "") + ", ".join(s["models"])))
+    cards.append(card("GPU-hours", hours(s["gpu_hours"]),
+                      f"train phases x GPUs; {hours(s['train_hours'])} h of train phases in all"))
+    per = s["per_kept"]
+    cards.append(card("per kept improvement",
+                      f"{money(per['cost_usd'])} · {hours(per['gpu_hours'])} GPU h" if per else "-",
+                      (f"{per['tokens']:,.0f} LLM tokens; the run's spending / "
+                       f"{s['kept_changes']} kept change(s)") if per else "no kept improvement yet"))
     dates = f"{date_text(s['first'])} → {date_text(s['last'])}" if s["first"] else "no experiment yet"
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = f"""<!DOCTYPE html>

@@ -78,6 +78,41 @@ def wall_seconds(rec: Record) -> float | None:
     return sum(parts) if parts else None
 
 
+def llm_of(rec: Record) -> dict[str, Any]:
+    return x if isinstance(x := rec.get("llm"), dict) else {}
+
+
+def tokens_of(rec: Record) -> int:
+    """LLM tokens of the proposal (prompt and completion, fix rounds included)."""
+    x = llm_of(rec)
+    return int(finite(x.get("prompt_tokens")) or 0) + int(finite(x.get("completion_tokens")) or 0)
+
+
+def cost_of(rec: Record) -> float:
+    return finite(llm_of(rec).get("cost_usd")) or 0.0
+
+
+def gpus_of(rec: Record) -> int:
+    """GPUs the trial trained on: a Ray trial's assigned ones, else 1 when NVML sampled a GPU
+    during its training (the record's `gpu` field), else 0 (a CPU trial)."""
+    where = rec.get("cluster")
+    if isinstance(where, dict) and where.get("gpu"):
+        return len([g for g in str(where["gpu"]).split(",") if g.strip()])
+    gpu = rec.get("gpu")
+    return 1 if isinstance(gpu, dict) and gpu.get("index") is not None else 0
+
+
+def train_seconds(rec: Record) -> float:
+    """Wall seconds of the train phase (start-up and export included); 0 when none ran."""
+    phases = ph if isinstance(ph := rec.get("phases"), dict) else {}
+    return finite(phases.get("train")) or 0.0
+
+
+def gpu_hours(rec: Record) -> float:
+    """Train phase seconds x GPUs, in hours: what the experiment cost in GPU time."""
+    return train_seconds(rec) * gpus_of(rec) / 3600
+
+
 def annotate(records: list[Record]) -> list[tuple[Record, float | None]]:
     """(record, best kept val_bpb before it), in experiment order."""
     out: list[tuple[Record, float | None]] = []
@@ -109,10 +144,15 @@ def summary(records: list[Record]) -> dict[str, Any]:
         reruns, trials = rerun_share(ordered)
     except (TypeError, ValueError):             # a hand-edited ledger must not break a report
         noise, reruns, trials = None, 0.0, 0.0
+    kept_changes = sum(1 for r in kept if r is not baseline)
+    cost = sum(cost_of(r) for r in ordered)
+    gpu_h = sum(gpu_hours(r) for r in ordered)
+    train_h = sum(train_seconds(r) for r in ordered) / 3600
+    tokens = sum(tokens_of(r) for r in ordered)
     return {
         "experiments": len(ordered),
         "kept": len(kept),
-        "kept_changes": sum(1 for r in kept if r is not baseline),
+        "kept_changes": kept_changes,
         "discarded": counts.get("discard", 0),
         "failed": sum(counts.get(s, 0) for s in FAILED),
         "counts": counts,
@@ -121,9 +161,15 @@ def summary(records: list[Record]) -> dict[str, Any]:
         "best": best,
         "best_bpb": best_bpb,
         "improvement": (base_bpb - best_bpb) if base_bpb is not None and best_bpb is not None else None,
-        "cost_usd": sum(finite(x.get("cost_usd")) or 0.0 for x in llm),
-        "tokens": sum(int(finite(x.get("prompt_tokens")) or 0) + int(finite(x.get("completion_tokens")) or 0)
-                      for x in llm),
+        "cost_usd": cost,
+        "tokens": tokens,
+        "gpu_hours": gpu_h,
+        "train_hours": train_h,        # train phases of every trial, GPU or CPU
+        # What one kept improvement (a kept change, the baseline not counted) cost on average:
+        # everything the run spent, failures and discards included. None before the first.
+        "per_kept": ({"cost_usd": cost / kept_changes, "tokens": tokens / kept_changes,
+                      "gpu_hours": gpu_h / kept_changes, "train_hours": train_h / kept_changes}
+                     if kept_changes else None),
         "models": sorted({str(x["model"]) for x in llm if x.get("model")}),
         "first": dates[0] if dates else None,
         "last": dates[-1] if dates else None,

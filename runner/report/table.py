@@ -7,14 +7,33 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.record import FAILED, STATUS_STYLE, Record
-from runner.report.summary import (annotate, bpb_of, finite, fmt, money, noise_text, number_of,
-                                   one_line, plural, status_of, summary, wall_seconds)
+from runner.report.summary import (annotate, bpb_of, cost_of, finite, fmt, gpu_hours, gpus_of,
+                                   money, noise_text, number_of, one_line, plural, status_of,
+                                   summary, tokens_of, train_seconds, wall_seconds)
+
+
+def hours(h: float) -> str:
+    return f"{h:.3f}" if h < 10 else f"{h:.1f}"
+
+
+def cost_line(s: dict) -> str:
+    """The run's spending and what a kept improvement cost: LLM tokens and money next to
+    GPU-hours (train phase seconds x GPUs)."""
+    text = (f"LLM {s['tokens']:,} tokens {money(s['cost_usd'])} · GPU {hours(s['gpu_hours'])} h"
+            f" (train phases {hours(s['train_hours'])} h)")
+    per = s.get("per_kept")
+    if per:
+        text += (f" · per kept improvement: {money(per['cost_usd'])}, {per['tokens']:,.0f} tokens, "
+                 f"{hours(per['gpu_hours'])} GPU h")
+    else:
+        text += " · no kept improvement yet"
+    return text
 
 def status_table(records: list[Record], tag: str, description_width: int = 60) -> Table:
     """One row per experiment, with a caption that sums the run up. Every string from the
     ledger goes in as `Text`, so markup in a description is shown, never interpreted.
     `description_width` (description and, for failures, reason) keeps rows on one line: pass
-    `console.width - 70` for a terminal; a narrower terminal wraps the description."""
+    `console.width - 92` for a terminal; a narrower terminal wraps the description."""
     table = Table(title=Text(f"autoresearch run {tag}", style="bold"), title_justify="left",
                   caption_justify="left", header_style="bold")
     # The numbers keep their width on a narrow terminal; the description gives way.
@@ -26,6 +45,9 @@ def status_table(records: list[Record], tag: str, description_width: int = 60) -
     table.add_column("mem GB", justify="right", no_wrap=True, min_width=6)
     table.add_column("train s", justify="right", no_wrap=True, min_width=7)
     table.add_column("wall s", justify="right", no_wrap=True, min_width=6)
+    table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
+    table.add_column("LLM $", justify="right", no_wrap=True, min_width=5)
+    table.add_column("GPU h", justify="right", no_wrap=True, min_width=5)
     table.add_column("description", overflow="fold", min_width=8, max_width=description_width)
     for rec, best_before in annotate(records):
         status = status_of(rec)
@@ -56,6 +78,9 @@ def status_table(records: list[Record], tag: str, description_width: int = 60) -
             Text(fmt(finite(rec.get("memory_gb")), ".1f")),
             Text(fmt(finite(rec.get("training_seconds")), ".0f")),
             Text(fmt(wall_seconds(rec), ".0f")),
+            Text(f"{tokens_of(rec):,}" if tokens_of(rec) else "-"),
+            Text(f"{cost_of(rec):.4f}" if cost_of(rec) else "-"),
+            Text(hours(gpu_hours(rec)) if gpus_of(rec) else ("cpu" if train_seconds(rec) else "-")),
             desc,
             style="dim" if status == "discard" else None,
         )
@@ -79,4 +104,5 @@ def caption(records: list[Record]) -> Text:
         text.append(" · no scored experiment yet")
     text.append(f" · LLM cost {money(s['cost_usd'])}")
     text.append(f"\n{noise_text(s)}")
+    text.append("\n" + cost_line(s))
     return text
