@@ -143,7 +143,8 @@ def test_overnight_takes_every_free_gpu_of_a_gpu_box_and_says_why(
     monkeypatch.setattr(runner.machine, "detect", lambda backend="docker": runner.machine.Profile(
         "gpu", "NVML sees 2 GPU(s) (NVIDIA H200) and the Docker engine has the nvidia runtime",
         gpus=["0", "1"], base="cuda", dataset="pysource"))
-    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_BASE", "")     # unset for the CLI; restored after (delenv of an
+    #                                               absent name would not restore what the CLI sets)
 
     def fake_loop(cfg, observe=None, log=None):
         seen.append((cfg.gpus, cfg.keep_rule, runner.cli.os.environ.get("AUTORESEARCH_BASE")))
@@ -155,7 +156,8 @@ def test_overnight_takes_every_free_gpu_of_a_gpu_box_and_says_why(
     (data / "manifest.json").write_text(json.dumps({"settings": {"dataset": "shakespeare"}}))
     args = ["overnight", "--tag", "t1", "--data-dir", str(data)]
     result = CliRunner().invoke(autoresearch, args)
-    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_BASE", "")     # unset for the CLI; restored after (delenv of an
+    #                                               absent name would not restore what the CLI sets)
     assert "machine: gpu: NVML sees 2 GPU(s)" in result.output, result.output
     assert "data: shakespeare (prepared); a gpu machine would use pysource" in result.output
     assert seen == [(["0", "1"], "sequential", "cuda")]
@@ -176,7 +178,8 @@ def test_images_build_takes_the_base_the_machine_needs_and_says_why(
     monkeypatch.setattr(runner.machine, "detect", lambda backend="docker": runner.machine.Profile(
         "gpu", "NVML sees 1 GPU(s) (NVIDIA H200) and the Docker engine has the nvidia runtime",
         gpus=["0"], base="cuda", dataset="pysource"))
-    monkeypatch.delenv("AUTORESEARCH_BASE", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_BASE", "")     # unset for the CLI; restored after (delenv of an
+    #                                               absent name would not restore what the CLI sets)
     result = CliRunner().invoke(autoresearch, ["images", "build"])
     assert result.exit_code == 0, result.output
     assert built == [False] and "base: cuda (gpu machine: NVML sees 1 GPU(s)" in result.output
