@@ -127,7 +127,8 @@ limits = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**2
                 tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=300, score_memory_bytes=4 * 2**30)
 cfg = LoopConfig(tag={tag!r}, budget=2, data_dir=Path({data!r}), runs_dir=Path({runs!r}),
                  repo_root=Path({project!r}), limits=limits, eval_tokens=4096,
-                 max_experiments={n}, agent="search")
+                 max_experiments={n}, agent="search", keep_rule="threshold", noise_runs=1,
+                 same_seed_runs=0)
 overnight(cfg, log=print)
 """
 
