@@ -2,7 +2,7 @@
 
 Usage:
     PYTHONPATH=prepare python target/train.py
-    AUTORESEARCH_TIME_BUDGET=5 PYTHONPATH=prepare python target/train.py   # quick check
+    AUTORESEARCH_TIME_BUDGET=30 PYTHONPATH=prepare python target/train.py  # quick check
 
 The budget is wall time, counted by the runner from the moment this process starts:
 imports, compilation, holdout checks and the export all count, and at the deadline the
