@@ -233,15 +233,13 @@ def run_to_deadline(container, deadline: float) -> tuple[int, bool]:
     """Wait for the started `container` to exit, until `deadline` (`time.monotonic()`). At
     the deadline it is frozen (``docker pause``: the cgroup freezer stops every process in it
     at once, so nothing more is written), then killed. Returns (exit code, stopped)."""
-    while True:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            left = deadline - time.monotonic()
-            if left > 0:
-                return container.wait(timeout=left)["StatusCode"], False
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            return container.wait(timeout=left)["StatusCode"], False
+        except requests.exceptions.ReadTimeout:
             pass
-        if time.monotonic() >= deadline:
-            break
+        except requests.exceptions.ConnectionError:   # a read timeout, or the engine went away
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
     try:
         container.pause()
     except docker.errors.APIError:                     # it exited as the deadline came
