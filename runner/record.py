@@ -12,6 +12,8 @@ Statuses. A trial ends ``ok`` (scored) or in one of `FAILED`; the loop then turn
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import os
@@ -233,3 +235,15 @@ def find(ref: str, runs_dir: Path) -> Record:
                 return record
     raise LookupError(f"no experiment {ref!r} in {runs_dir}/*/experiments.jsonl "
                       "(give an experiment id like mytag-3 or an image tag)")
+
+
+def finite_number(value: Any) -> float | None:
+    """A field as a finite float (numbers or numeric strings; not bools), else None: records
+    from old or hand-edited ledgers must not break what reads them."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from runner.record import Record
+from runner.record import Record, finite_number
 Log = Callable[[str], None]
 DiffFn = Callable[[str, str], str]
 
@@ -53,14 +53,6 @@ class TrackingError(RuntimeError):
 # What a record becomes
 # ---------------------------------------------------------------------------------------------
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if out == out and abs(out) != float("inf") else None
 
 
 def params(rec: Record) -> dict[str, str]:
@@ -100,7 +92,7 @@ def metrics(rec: Record) -> dict[str, float]:
         values[f"phase_{phase}_seconds"] = seconds
     for key, value in (rec.get("gpu") or {}).items():
         values[f"gpu_{key}"] = value
-    return {k: v for k, v in ((k, _num(v)) for k, v in values.items()) if v is not None}
+    return {k: v for k, v in ((k, finite_number(v)) for k, v in values.items()) if v is not None}
 
 
 def tags(rec: Record) -> dict[str, str]:
@@ -127,18 +119,18 @@ def artifacts(rec: Record, diff: DiffFn | None) -> dict[str, str]:
 def run_summary(records: Iterable[Record]) -> dict[str, float]:
     """The overnight run so far: experiments, keeps, failures, best and baseline val_bpb, cost."""
     records = list(records)
-    kept = [r for r in records if r.get("status") == "keep" and _num(r.get("val_bpb")) is not None]
+    kept = [r for r in records if r.get("status") == "keep" and finite_number(r.get("val_bpb")) is not None]
     base = next((r for r in records if r.get("role") == "baseline"), None)
     out = {
         "experiments": float(len(records)),
         "keeps": float(sum(1 for r in kept if r.get("role") != "baseline")),
         "failures": float(sum(1 for r in records if r.get("status") in FAILED)),
-        "llm_cost_usd": sum(_num((r.get("llm") or {}).get("cost_usd")) or 0.0 for r in records),
+        "llm_cost_usd": sum(finite_number((r.get("llm") or {}).get("cost_usd")) or 0.0 for r in records),
     }
     if kept:
         out["best_val_bpb"] = float(kept[-1]["val_bpb"] or 0.0)   # kept: a number
         out["best_number"] = float(kept[-1]["number"])
-    if base is not None and _num(base.get("val_bpb")) is not None:
+    if base is not None and finite_number(base.get("val_bpb")) is not None:
         out["baseline_val_bpb"] = float(base["val_bpb"] or 0.0)
     return out
 
@@ -230,7 +222,7 @@ class MLflowSink:
         for name, text in artifacts(rec, diff).items():
             client.log_text(run_id, text, name)
         status = "FAILED" if rec.get("status") in FAILED else "FINISHED"
-        wall = _num(rec.get("wall_seconds"))
+        wall = finite_number(rec.get("wall_seconds"))
         end = start + int(wall * 1000) if start is not None and wall is not None else None
         client.set_terminated(run_id, status, end_time=end)
 

@@ -27,13 +27,12 @@ Tokens are counted as characters / 4 (`tokens`), a stated estimate, not a tokeni
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Iterable
 
 from runner.agents import History
 from runner.agents.edits import clean_line
-from runner.record import FAILED, KEEP, Record
+from runner.record import FAILED, KEEP, Record, finite_number
 
 BUDGET_TOKENS = 6000       # the whole memory section of a prompt
 FAILURES = 3               # log tails of this many recent failures
@@ -63,14 +62,6 @@ def neutralise_markers(text: str) -> str:
     return _MARKER.sub("[marker removed]", text)
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 # ---- building the history from records ----
@@ -89,15 +80,15 @@ def training_summary(r: Record) -> dict[str, Any]:
     summary = r.get("summary") if isinstance(r.get("summary"), dict) else {}
     numbers: dict[str, float] = {}
     for key, _ in SUMMARY_KEYS:
-        value = _finite((summary or {}).get(key))
+        value = finite_number((summary or {}).get(key))
         if value is not None:
             numbers[key] = value
     tail = str(r.get("log_tail") or "")
     steps = [(int(m.group(1)), float(m.group(2)), float(m.group(3))) for m in _STEP.finditer(tail)]
     holdout = [(float(m.group(2)), float(m.group(1))) for m in _HOLDOUT.finditer(tail)]
     return {"number": r.get("number"), "val_bpb": r.get("val_bpb"), "numbers": numbers,
-            "memory_gb": _finite(r.get("memory_gb")), "budget": r.get("budget"),
-            "train_phase_s": _finite((r.get("phases") or {}).get("train")),
+            "memory_gb": finite_number(r.get("memory_gb")), "budget": r.get("budget"),
+            "train_phase_s": finite_number((r.get("phases") or {}).get("train")),
             "curve": steps, "holdout": holdout}
 
 
@@ -148,7 +139,7 @@ def cached(diff: Callable[[str, str], str]) -> Callable[[str, str], str]:
 
 
 def _num(value: Any, fmt: str) -> str:
-    v = _finite(value)
+    v = finite_number(value)
     return "-" if v is None else format(v, fmt)
 
 
@@ -171,7 +162,7 @@ def group_line(rows: list[dict[str, Any]], width: int = 40) -> str:
     first, last = rows[0].get("number"), rows[-1].get("number")
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])))
     text = f"#{first}-#{last} grouped ({len(rows)}): {parts}"
-    deltas = [r for r in rows if _finite(r.get("delta")) is not None and r.get("status") != KEEP]
+    deltas = [r for r in rows if finite_number(r.get("delta")) is not None and r.get("status") != KEEP]
     if deltas:
         near = min(deltas, key=lambda r: float(r["delta"]))
         text += f"; closest #{near.get('number')} {float(near['delta']):+.6f}"
