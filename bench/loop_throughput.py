@@ -19,8 +19,8 @@ duty     One slot, the `llm` agent through litellm over HTTP to a scripted local
          drawn uniformly from 5-30 s (seeded). The budget must be long enough that a reply
          arrives while the previous trial trains. Reported, over the window from the first
          candidate's start to the last one's end (and again from the baseline's start): the share
-         of the window spent in the timed training steps (`training_seconds`, what train.py
-         counts against its budget), inside the training process (`phases.train_inside`), in the
+         of the window spent in the timed training steps (`reported_training_seconds`, what
+         train.py says it spent in training steps), inside the training process (`phases.train_inside`), in the
          whole train phase, in whole trials (build, train, score, clean-up), and the idle gaps
          between trials, with whether the slot waited for a proposal.
 
@@ -196,7 +196,7 @@ def run_loop(args, tmp: Path, data: Path, name: str, agent: str, trials: int | N
 
 def train_seconds(r: dict) -> dict[str, float]:
     ph = r.get("phases") or {}
-    return {"training": float(r.get("training_seconds") or 0.0),
+    return {"training": float(r.get("reported_training_seconds") or 0.0),   # train.py's steps
             "inside": float(ph.get("train_inside", ph.get("train", 0.0))),
             "phase": float(ph.get("train", 0.0)),
             "wall": float(r.get("wall_seconds") or 0.0)}

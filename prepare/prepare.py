@@ -22,7 +22,8 @@ Sources for `data`:
     parquet-url:BASE     any `BASE/shard_00000.parquet`, ... with a `text` column over HTTP
 
 Environment (set by the runner; documented in the README):
-    AUTORESEARCH_TIME_BUDGET   training seconds (default 300)
+    AUTORESEARCH_TIME_BUDGET   the candidate's wall seconds, start-up and export included (300)
+    AUTORESEARCH_DEADLINE      when the runner stops the candidate, as time.time() (`time_left`)
     AUTORESEARCH_DATA_DIR      where the prepared data lives (default: the repo's data/)
     AUTORESEARCH_SEED          the training seed (default 0)
     AUTORESEARCH_EVAL_TOKENS   fewer validation tokens to score, for tests only
@@ -62,7 +63,10 @@ if TYPE_CHECKING:                      # torch is imported lazily: `data` does n
 # Constants (fixed: every experiment is measured against these)
 # ------------------------------------------------------------------------------------------
 
-TIME_BUDGET      = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))  # training seconds
+TIME_BUDGET      = int(os.environ.get("AUTORESEARCH_TIME_BUDGET", "300"))  # wall seconds, all of them
+# When the runner freezes and kills train.py (time.time() seconds: inside a container that is the
+# host's clock). Run by hand, without the runner: the budget from when this module was imported.
+DEADLINE         = float(os.environ.get("AUTORESEARCH_DEADLINE") or time.time() + TIME_BUDGET)
 SEED             = int(os.environ.get("AUTORESEARCH_SEED", "0"))           # training seed
 SEQ_LEN          = 1024            # context length the scorer evaluates at
 EVAL_TOKENS      = 4 * 2**20       # validation tokens scored (fewer if the split is smaller)
@@ -182,6 +186,41 @@ def sha256_file(path: Path) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def time_left() -> float:
+    """Seconds until the runner stops this process (`DEADLINE`). Everything counts against
+    it: imports, compilation, warm-up, holdout checks and the export."""
+    return max(0.0, DEADLINE - time.time())
+
+
+def save_model(program: Any, path: Path | str) -> Path:
+    """Save an exported program (`torch.export.export`) to `path` atomically: written to a
+    temporary file in the same folder, synced, then renamed over `path`. Stopped at any moment,
+    the process leaves at `path` either the model saved before or this one, never part of one;
+    the runner scores only `path`, so a temporary file left behind is ignored."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.export.save(program, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):           # the rename itself, on disks that need it
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return path
 
 
 # ------------------------------------------------------------------------------------------

@@ -154,19 +154,19 @@ def run_one(executor, spec, say) -> dict:
         raise
 
 
-def limit_request(memory: float | None, cpus: float | None, startup: int | None = None,
-                  share: int | None = 1):
-    """What --memory, --cpus and --startup ask for; the rest is fitted to the machine that
+def limit_request(memory: float | None, cpus: float | None, share: int | None = 1):
+    """What --memory and --cpus ask for; the rest is fitted to the machine that
     runs each trial (a Ray node: `share` None, as many as it holds)."""
     from runner.sandbox import LimitRequest
     return LimitRequest(memory_bytes=int(memory * 2**30) if memory is not None else None,
-                        cpus=cpus, startup_s=startup, share=share)
+                        cpus=cpus, share=share)
 
 
 @autoresearch.command(short_help="Build, train and score one train.py in a sealed container.")
 @click.argument("train_py", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--budget", type=click.IntRange(1), default=None,
-              help=f"Training seconds (default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
+              help=f"Wall seconds of the candidate, start-up and export included; the runner "
+              f"stops it then (default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="docker",
               show_default=True,
               help="docker: the sealed container. process: a plain subprocess that isolates "
@@ -180,8 +180,6 @@ def limit_request(memory: float | None, cpus: float | None, startup: int | None 
               "a Ray node with --cluster; at most 64).")
 @click.option("--cpus", type=float, default=None,
               help="CPU limit (default: all cores of the machine that runs it, at most 8).")
-@click.option("--startup", type=click.IntRange(1), default=None, metavar="S",
-              help="Seconds allowed on top of the budget before the hard kill (default: 240).")
 @click.option("--eval-tokens", type=click.IntRange(1024), default=None, hidden=True,
               help="Score fewer validation tokens (tests only).")
 @click.option("--artifact-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -195,7 +193,7 @@ def limit_request(memory: float | None, cpus: float | None, startup: int | None 
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON record on stdout.")
 def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
           data_dir: Path | None, seed: int, memory: float | None, cpus: float | None,
-          startup: int | None, eval_tokens: int | None, artifact_dir: Path | None,
+          eval_tokens: int | None, artifact_dir: Path | None,
           cluster: str | None, cluster_gpus: float, as_json: bool) -> None:
     """Run TRAIN_PY once: build its image, train it for the budget, score it.
 
@@ -213,7 +211,7 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 
     spec = TrialSpec(train_py=train_py.resolve(), data_dir=(data_dir or default_data_dir()).resolve(),
                      budget=budget or default_budget(), seed=seed, gpu=gpu,
-                     limits=limit_request(memory, cpus, startup, share=None if cluster else 1),
+                     limits=limit_request(memory, cpus, share=None if cluster else 1),
                      eval_tokens=eval_tokens, artifact_dir=artifact_dir)
     say = (lambda line: click.echo(line, err=True))
     if cluster and gpu:
@@ -283,7 +281,8 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--temperature", type=float, default=None, help="LLM sampling temperature (default 1.0).")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on each LLM reply.")
 @click.option("--budget", type=click.IntRange(1), default=None,
-              help=f"Training seconds per experiment (default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
+              help=f"Wall seconds per candidate, start-up and export included "
+              f"(default: ${BUDGET_ENV} or {DEFAULT_BUDGET}).")
 @click.option("--max-experiments", type=click.IntRange(1), default=None,
               help="Stop when the run holds this many experiments (baseline included).")
 @click.option("--until", "until", default=None, metavar="HH:MM", help="Stop at this local time.")

@@ -24,7 +24,8 @@ from typing import Any, TypedDict
 from runner.paths import PREPARE_PY
 from runner.sandbox import Outcome, TrialSpec
 
-VERSION = 2                        # 2: `limits` (as resolved where the trial ran)
+VERSION = 3                        # 2: `limits` (as resolved where the trial ran); 3: the
+                                   # runner's `training_seconds` (train.py's is `reported_...`)
 
 OK = "ok"
 KEEP, DISCARD = "keep", "discard"
@@ -54,7 +55,9 @@ class Record(TypedDict, total=False):
     val_bpb: float | None
     memory_gb: float | None          # measured by the host
     reported_memory_gb: float | None  # what train.py says
-    training_seconds: float | None   # what train.py says
+    training_seconds: float | None   # the runner's clock: the candidate's wall time
+    reported_training_seconds: float | None  # what train.py says
+    stopped_at_deadline: bool        # frozen and killed when the budget ran out
     phases: dict[str, float]         # wall seconds: propose, build, train, score, ...
     wall_seconds: float
     started_at: str
@@ -126,7 +129,10 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
         "val_bpb": outcome.val_bpb,
         "memory_gb": round(peak / 2**30, 3) if peak else None,
         "reported_memory_gb": round(reported / 1024, 3) if reported else None,
-        "training_seconds": _float(outcome.summary.get("training_seconds")),
+        "training_seconds": (round(outcome.training_seconds, 3)
+                             if outcome.training_seconds is not None else None),
+        "reported_training_seconds": _float(outcome.summary.get("training_seconds")),
+        "stopped_at_deadline": outcome.stopped_at_deadline,
         "phases": {k: round(v, 3) for k, v in outcome.phases.items()},
         "wall_seconds": round(wall, 3),
         "started_at": now_iso(started),
@@ -186,6 +192,10 @@ def upgrade(rec: dict[str, Any]) -> Record:
     out.setdefault("phases", {})
     out.setdefault("llm", dict(NO_LLM))
     out.setdefault("trial_status", out.get("status"))
+    if out.get("version", 1) < 3 and "reported_training_seconds" not in out:
+        # before version 3 `training_seconds` was train.py's own figure, not the runner's
+        out["reported_training_seconds"] = out.pop("training_seconds", None)
+        out["training_seconds"] = None
     if "role" not in out:           # version 1 before slots: only the decision said so
         out["role"] = "baseline" if out.get("decision") == "baseline" else "candidate"
     out["version"] = VERSION

@@ -2,12 +2,16 @@
 
 Usage:
     PYTHONPATH=prepare python target/train.py
-    AUTORESEARCH_TIME_BUDGET=5 PYTHONPATH=prepare python target/train.py   # quick check
+    AUTORESEARCH_TIME_BUDGET=30 PYTHONPATH=prepare python target/train.py  # quick check
 
-Trains for prepare.TIME_BUDGET seconds of training time (compilation and the first
-few steps are not counted), prints a progress line about every PRINT_EVERY_S seconds,
-exports the model with torch.export to $AUTORESEARCH_OUT/model.pt2 (default ./out),
-and ends with a `---` line followed by `key: value` summary lines.
+The budget is wall time, counted by the runner from the moment this process starts:
+imports, compilation, holdout checks and the export all count, and at the deadline the
+runner freezes the process and scores the last model.pt2 it saved. So this script plans
+on prepare.time_left(): it saves an early fallback model (which also measures how long an
+export takes), trains until the time left is just enough for the last holdout check and
+the export, and saves the best weights with prepare.save_model (atomic). It prints a
+progress line about every PRINT_EVERY_S seconds and ends with a `---` line followed by
+`key: value` summary lines.
 
 The exported program takes one int64 tensor idx [B, T] (T <= prepare.SEQ_LEN) and
 returns float32 next-token logits [B, T, vocab_size]. The scorer computes val bpb.
@@ -56,7 +60,7 @@ HEAD_LR = 0.004 if GPU else 0.03         # AdamW learning rate of the lm_head
 ADAM_BETAS = (0.8, 0.95)                 # AdamW betas
 WEIGHT_DECAY = 0.0                       # AdamW weight decay
 
-# Learning-rate schedule, as fractions of the TIME budget (not of steps)
+# Learning-rate schedule, as fractions of the training window (time, not steps)
 WARMUP_FRAC = 0.02                       # linear warm-up from 0
 WARMDOWN_FRAC = 0.4                      # linear decay over the last part of the budget
 FINAL_LR_FRAC = 0.05                     # lr multiplier at the end of the decay
@@ -66,11 +70,12 @@ FINAL_LR_FRAC = 0.05                     # lr multiplier at the end of the decay
 # available here). Five minutes on an H100 is hundreds of passes over a 5 MB text.
 HOLDOUT_TOKENS = 2**16 if GPU else 2**11 # training tokens held out (not trained on)
 EVAL_EVERY_S = 10.0 if GPU else max(1.0, prepare.TIME_BUDGET / 40)  # seconds between holdout
-                                         # checks (on CPU about 40 a run: each one pauses the clock)
+                                         # checks (they count against the budget like the rest)
 
-# Run
-TIME_BUDGET = prepare.TIME_BUDGET        # seconds of training time
-UNTIMED_STEPS = 10 if GPU else 2         # first steps (compilation, warm-up) not timed
+# Run. The budget is the runner's wall clock from the start of this process; everything counts.
+TIME_BUDGET = prepare.TIME_BUDGET        # wall seconds (do not change: the runner stops us then)
+EXPORT_SAFETY = 1.5                      # reserve this many times the measured check + export
+EXPORT_SLACK_S = 1.0                     # plus these seconds, for the runner's own jitter
 PRINT_EVERY_S = 5.0 if GPU else 0.5      # seconds between progress lines
 COMPILE = GPU                            # torch.compile is far too slow on 2 CPU cores
 H100_BF16_PEAK = 989.5e12                # dense bf16 FLOP/s, for MFU
@@ -229,7 +234,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_multiplier(progress):
-    # progress = training seconds / TIME_BUDGET, in [0, 1].
+    # progress = share of the training window gone (see Training), in [0, 1].
     if progress < WARMUP_FRAC:
         return progress / WARMUP_FRAC
     if progress < 1 - WARMDOWN_FRAC:
@@ -240,7 +245,6 @@ def lr_multiplier(progress):
 
 # ---- Setup ----
 
-t_start = time.time()
 torch.manual_seed(prepare.SEED)
 if GPU:
     torch.cuda.manual_seed(prepare.SEED)
@@ -306,25 +310,58 @@ def holdout_loss():
     return total / len(holdout)
 
 
+out_dir = os.environ.get("AUTORESEARCH_OUT", "./out")
+# Example with batch and seq > 1: torch.export specialises dimensions of size 0 or 1.
+example = torch.randint(0, vocab_size, (2, 16), device=DEVICE)
+dims = {"idx": {0: torch.export.Dim("batch", min=1, max=4096),
+                1: torch.export.Dim("seq", min=1, max=max_len)}}
+
+
+def export_model():
+    """Export the eager model (not the compiled wrapper) as it is, float32 weights and float32
+    logits: with no casts in the graph the program runs on whatever device it is moved to.
+    Saved atomically, so a process frozen halfway leaves the previous model.pt2 whole."""
+    model.eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=dims)
+    prepare.save_model(program, os.path.join(out_dir, "model.pt2"))
+    model.train()
+
+
 print(f"device: {DEVICE}  params: {num_params / 1e6:.2f}M  vocab: {vocab_size}  "
       f"depth: {DEPTH}  width: {WIDTH}  seq: {SEQ_LEN}  accum: {accum_steps}  "
-      f"budget: {TIME_BUDGET}s", flush=True)
+      f"budget: {TIME_BUDGET}s  left: {prepare.time_left():.1f}s", flush=True)
+
+# ---- Fallback ----
+# Check and save the untrained model at once: a model exists whatever happens later, and the
+# two take as long as the last check and export will, which sets the margin kept for them.
+
+with torch.no_grad():                    # torch.export's first call pays for its own imports:
+    torch.export.export(nn.Linear(2, 2), (torch.zeros(2, 2),))   # once, here, not measured
+t0 = time.time()
+best_loss, best_state, best_at = holdout_loss(), None, 0.0
+t1 = time.time()
+export_model()
+export_seconds = time.time() - t1
+margin = EXPORT_SAFETY * (time.time() - t0) + EXPORT_SLACK_S
+print(f"fallback saved: holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s, export "
+      f"{export_seconds:.1f}s, margin {margin:.1f}s, left {prepare.time_left():.1f}s", flush=True)
 
 # ---- Training ----
-# The first UNTIMED_STEPS steps run at progress 0 and so at learning rate 0: they pay
-# for compilation and fill the optimizer statistics without moving the weights.
+# The schedule runs on the time left: from the end of the first step (which pays for
+# compilation at learning rate 0 and fills the optimizer statistics) to the deadline less
+# the margin. A step is not started if it would end inside the margin.
 
 step = 0
-training_seconds = 0.0
 smooth_loss = 0.0
 last_print = time.time()
-next_eval = EVAL_EVERY_S
-best_loss, best_state, best_at = float("inf"), None, 0.0
+train_start = train_end = next_eval = 0.0
+dt = 0.0
 x, y = next(loader)
 while True:
     sync()
     t0 = time.time()
-    progress = min(training_seconds / TIME_BUDGET, 1.0)
+    progress = min((t0 - train_start) / (train_end - train_start), 1.0) if step else 0.0
     lr_mult = lr_multiplier(progress)
     for opt in optimizers:
         for group in opt.param_groups:
@@ -341,9 +378,11 @@ while True:
 
     loss_value = loss.item()                 # also waits for the GPU
     sync()
-    dt = time.time() - t0
-    if step >= UNTIMED_STEPS:
-        training_seconds += dt
+    now = time.time()
+    dt = now - t0
+    if step == 0:
+        train_start, train_end = now, max(now, prepare.DEADLINE - margin)
+        next_eval = now + EVAL_EVERY_S
     step += 1
     if not math.isfinite(loss_value):
         raise SystemExit(f"loss is {loss_value} at step {step}: diverged")
@@ -351,42 +390,32 @@ while True:
     # Bias-corrected exponential moving average of the loss.
     smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
     shown_loss = smooth_loss / (1 - 0.9**step)
-    done = training_seconds >= TIME_BUDGET
-    if time.time() - last_print >= PRINT_EVERY_S or done:
-        last_print = time.time()
+    done = now + (dt if step > 1 else 0.0) >= train_end   # would the next step end in the margin?
+    if now - last_print >= PRINT_EVERY_S or done:
+        last_print = now
         tok_s = TOTAL_BATCH / dt
         mfu = f"  mfu {100 * tok_s * flops_per_token / H100_BF16_PEAK:4.1f}%" if GPU else ""
         print(f"step {step:5d}  {100 * progress:5.1f}%  loss {shown_loss:.4f}  lr {lr_mult:.3f}  "
-              f"tok/s {tok_s:9.0f}{mfu}  left {max(TIME_BUDGET - training_seconds, 0):5.1f}s",
-              flush=True)
-    if training_seconds >= next_eval or done:
-        # Not timed: checking for over-fitting is bookkeeping, not training.
-        next_eval = training_seconds + EVAL_EVERY_S
+              f"tok/s {tok_s:9.0f}{mfu}  left {prepare.time_left():5.1f}s", flush=True)
+    if now >= next_eval or done:
+        next_eval = now + EVAL_EVERY_S
         loss_h = holdout_loss()
         if loss_h < best_loss:
-            best_loss, best_at = loss_h, training_seconds
+            best_loss, best_at = loss_h, now - train_start
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        print(f"holdout loss {loss_h:.4f} at {training_seconds:.0f}s (best {best_loss:.4f} at "
+        print(f"holdout loss {loss_h:.4f} at {now - train_start:.0f}s (best {best_loss:.4f} at "
               f"{best_at:.0f}s)", flush=True)
     if done:
         break
+training_seconds = time.time() - train_start
 
 # ---- Export ----
-# Export the eager model (not the compiled wrapper) as it is: float32 weights, float32
-# logits. With no casts in the graph the program runs on whatever device it is moved to.
+# The best weights seen, unless the untrained ones (already saved) were never beaten.
 
 t_export = time.time()
-out_dir = os.environ.get("AUTORESEARCH_OUT", "./out")
-os.makedirs(out_dir, exist_ok=True)
-model.load_state_dict(best_state)
-model.eval()
-# Example with batch and seq > 1: torch.export specialises dimensions of size 0 or 1.
-example = torch.randint(0, vocab_size, (2, 16), device=DEVICE)
-dims = {"idx": {0: torch.export.Dim("batch", min=1, max=4096),
-                1: torch.export.Dim("seq", min=1, max=max_len)}}
-with torch.no_grad():
-    program = torch.export.export(model, (example,), dynamic_shapes=dims)
-torch.export.save(program, os.path.join(out_dir, "model.pt2"))
+if best_state is not None:
+    model.load_state_dict(best_state)
+    export_model()
 export_seconds = time.time() - t_export
 
 # ---- Summary ----
@@ -395,14 +424,14 @@ if GPU:
     peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
 else:
     peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
-timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH
-tokens_per_second = timed_tokens / max(training_seconds, 1e-9)
+tokens_per_second = (step - 1) * TOTAL_BATCH / max(training_seconds, 1e-9)
 summary = {
     "train_loss": f"{shown_loss:.4f}",
     "holdout_loss": f"{best_loss:.4f}",
     "best_at_seconds": f"{best_at:.1f}",
     "training_seconds": f"{training_seconds:.1f}",
-    "total_seconds": f"{time.time() - t_start:.1f}",
+    "total_seconds": f"{TIME_BUDGET - prepare.time_left():.1f}",
+    "left_seconds": f"{prepare.time_left():.1f}",
     "num_steps": step,
     "total_tokens_M": f"{step * TOTAL_BATCH / 1e6:.1f}",
     "tokens_per_second": f"{tokens_per_second:.0f}",

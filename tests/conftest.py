@@ -95,11 +95,16 @@ def docker_engine_missing() -> str | None:
     return None
 
 
+# Wall seconds that give the real train.py, on one CPU in a container, time to import torch,
+# save its fallback model, train a little and export: the runner stops it at the budget.
+TRAIN_BUDGET = 20
+
+
 def small_limits():
     """Trial limits for tests: a slice of a 2-core, 24 GiB machine."""
     from runner.sandbox import Limits
     return Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-                  tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=300,
+                  tmp_bytes=256 * 2**20, score_timeout_s=300,
                   score_memory_bytes=4 * 2**30)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, docker_engine_missing, small_limits
+from conftest import REPO, TRAIN_BUDGET, docker_engine_missing, small_limits
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[cluster]'")
 docker = pytest.importorskip("docker")
@@ -161,7 +161,7 @@ def remove_test_images():
 
 
 def spec_for(data: Path, number: int, **kw) -> TrialSpec:
-    return TrialSpec(train_py=TRAIN_PY, data_dir=data, budget=2, run=RUN, number=number,
+    return TrialSpec(train_py=TRAIN_PY, data_dir=data, budget=TRAIN_BUDGET, run=RUN, number=number,
                      eval_tokens=4096, limits=SMALL, **kw)
 
 
@@ -316,7 +316,7 @@ def test_trial_command_on_the_cluster(head, small_data: Path):
     that asks for a GPU the cluster lacks is refused before anything runs."""
     address = f"ray://127.0.0.1:{head['client']}"
     cli = [sys.executable, "-c", "from runner.cli import main; main()", "trial", str(TRAIN_PY),
-           "--cluster", address, "--budget", "2", "--data-dir", str(small_data),
+           "--cluster", address, "--budget", str(TRAIN_BUDGET), "--data-dir", str(small_data),
            "--eval-tokens", "4096", "--memory", "2", "--cpus", "1"]
     proc = subprocess.run(cli + ["--cluster-gpus", "0", "--json"], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={**os.environ, **LOOPBACK_ENV})

@@ -42,15 +42,15 @@ from runner.trial import run_trial  # noqa: E402
 RUN = f"hostile{uuid.uuid4().hex[:6]}"   # unique: suites may share an engine
 LABEL = f"autoresearch.run={RUN}"
 TAG_PREFIX = f"autoresearch/exp:{RUN}-"
-BUDGET = 2
+BUDGET = 20                    # wall seconds; a probe exits as soon as it is done
 EVAL_TOKENS = 4096
 UID = 10001
 
 # Small limits for speed; a case overrides what it attacks.
 LIMITS = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=128, out_bytes=256 * 2**20,
-                tmp_bytes=256 * 2**20, startup_s=20, score_memory_bytes=4 * 2**30,
+                tmp_bytes=256 * 2**20, score_memory_bytes=4 * 2**30,
                 score_timeout_s=180)
-EXPORT_STARTUP_S = 90          # candidates that import torch and export a model (1 CPU)
+EXPORT_BUDGET = 90             # candidates that import torch and export a model (1 CPU)
 
 STATUSES = {"ok", "crash", "timeout", "oom", "invalid"}
 
@@ -120,10 +120,11 @@ def render(source: str, **values) -> str:
     return source
 
 
-def trial(tmp_path: Path, data: Path, number: int, source: str, **limits) -> dict:
+def trial(tmp_path: Path, data: Path, number: int, source: str, budget: int = BUDGET,
+          **limits) -> dict:
     train_py = tmp_path / "train.py"
     train_py.write_text(source)
-    spec = TrialSpec(train_py=train_py, data_dir=data, budget=BUDGET, run=RUN, number=number,
+    spec = TrialSpec(train_py=train_py, data_dir=data, budget=budget, run=RUN, number=number,
                      limits=replace(LIMITS, **limits), eval_tokens=EVAL_TOKENS)
     messages: list[str] = []
     record = run_trial(spec, "docker", messages.append)
@@ -498,7 +499,7 @@ def test_fake_score_without_model_is_invalid(tmp_path, small_data):
 
 
 def test_fake_score_with_untrained_model_gets_its_true_score(tmp_path, small_data):
-    rec = trial(tmp_path, small_data, 42, FAKE_WITH_MODEL, startup_s=EXPORT_STARTUP_S)
+    rec = trial(tmp_path, small_data, 42, FAKE_WITH_MODEL, budget=EXPORT_BUDGET)
     assert rec["status"] == "ok", rec
     assert rec["score"]["status"] == "ok"
     bpb, uniform = rec["val_bpb"], rec["score"]["uniform_bpb"]
@@ -516,7 +517,7 @@ export(Table(shift=1), os.path.join(OUT, "model.pt2"))
 
 
 def test_model_that_peeks_ahead_is_invalid(tmp_path, small_data):
-    rec = trial(tmp_path, small_data, 5, PEEK, startup_s=EXPORT_STARTUP_S)
+    rec = trial(tmp_path, small_data, 5, PEEK, budget=EXPORT_BUDGET)
     assert rec["status"] == "invalid" and rec["val_bpb"] is None
     assert "causal" in rec["reason"], rec["reason"]
 
@@ -561,7 +562,7 @@ def test_archive_with_pickled_payload_never_runs_it(tmp_path, small_data):
     """The sample inputs are the candidate's only pickle that torch.export.load would unpickle
     in a plain torch.export archive. The scorer never reads them (it loads sample inputs it made
     itself), so the payload never runs and the program gets its true score."""
-    rec = trial(tmp_path, small_data, 6, PICKLED, startup_s=EXPORT_STARTUP_S)
+    rec = trial(tmp_path, small_data, 6, PICKLED, budget=EXPORT_BUDGET)
     log = rec["log_tail"]
     assert re.search(r"^REWROTE [1-9]", log, re.M), log
     assert "CONTROL payload ran: True" in log, log              # the threat is real
@@ -638,7 +639,7 @@ MODEL_ATTACKS = ["peek-all-but-one", "late-nudge", "peek-random-90", "batch-gate
 @pytest.mark.parametrize("kind", sorted(ARCHIVE_ATTACKS))
 def test_crafted_model_files_are_invalid_and_their_payload_never_runs(kind, tmp_path, small_data):
     rec = trial(tmp_path, small_data, 60 + sorted(ARCHIVE_ATTACKS).index(kind),
-                render(CRAFTED_FILE, KIND=kind), startup_s=EXPORT_STARTUP_S)
+                render(CRAFTED_FILE, KIND=kind), budget=EXPORT_BUDGET)
     assert f"WROTE {kind}" in rec["log_tail"], rec["log_tail"]
     assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
     assert ARCHIVE_ATTACKS[kind] in rec["reason"], rec["reason"]
@@ -655,7 +656,7 @@ def test_models_that_look_ahead_or_keep_state_are_invalid(kind, tmp_path, small_
     import attack_models
     rows = EVAL_TOKENS // 1024                       # the scorer's batch at this evaluation
     rec = trial(tmp_path, small_data, 70 + (MODEL_ATTACKS + ["uniform"]).index(kind),
-                render(ATTACK, KIND=kind, ROWS=rows), startup_s=EXPORT_STARTUP_S)
+                render(ATTACK, KIND=kind, ROWS=rows), budget=EXPORT_BUDGET)
     assert f"EXPORTED {kind}" in rec["log_tail"], rec["log_tail"]
     if kind == "uniform":
         assert rec["status"] == "ok", rec
@@ -701,14 +702,14 @@ def host_processes_named(nonce: str) -> list[int]:
 
 
 def test_sleeper_that_ignores_sigterm_times_out(tmp_path, small_data):
-    startup = 3
-    cap = BUDGET + startup
+    cap = 5
     nonce = f"hostile-sleeper-{os.getpid()}-{time.time_ns()}"
     t0 = time.perf_counter()
-    rec = trial(tmp_path, small_data, 7, render(FOREVER, NONCE=nonce), startup_s=startup)
+    rec = trial(tmp_path, small_data, 7, render(FOREVER, NONCE=nonce), budget=cap)
     elapsed = time.perf_counter() - t0
     assert rec["status"] == "timeout", rec
-    assert rec["val_bpb"] is None
+    assert rec["val_bpb"] is None and rec["stopped_at_deadline"] is True
+    assert cap - 0.5 <= rec["training_seconds"] <= cap + 1, rec
     assert cap - 0.5 <= rec["phases"]["train"] <= cap + 15, rec["phases"]
     assert "forked" in rec["log_tail"]
     assert elapsed < cap + 60
@@ -874,7 +875,7 @@ def test_host_secrets_never_reach_the_candidate(tmp_path, small_data, monkeypatc
     rec = trial(tmp_path, small_data, 11, SECRETS)
     log = rec["log_tail"]
     assert "ENV_DUMP_END" in log and "DONE" in log, log
-    assert "ENV AUTORESEARCH_TIME_BUDGET=2" in log          # the dump did print the environment
+    assert f"ENV AUTORESEARCH_TIME_BUDGET={BUDGET}" in log  # the dump did print the environment
     assert re.search(r"^PROC 1 environ: ", log, re.M), log
     for secret in (OPENAI_DUMMY, ANTHROPIC_DUMMY, CANARY, "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         assert secret not in log, secret
@@ -966,7 +967,7 @@ out.flush()
 
 def test_stdout_flood_is_bounded(tmp_path, small_data):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux
-    rec = trial(tmp_path, small_data, 13, FLOOD, startup_s=120)
+    rec = trial(tmp_path, small_data, 13, FLOOD, budget=120)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"[hostile 13] runner max RSS {rss_before // 1024} -> {rss_after // 1024} MiB, "
           f"log_tail {len(rec['log_tail'])} chars, train {rec['phases'].get('train')} s")
@@ -978,3 +979,119 @@ def test_stdout_flood_is_bounded(tmp_path, small_data):
     assert "\x1b" not in log and "\x07" not in log and "\r" not in log
     assert "\\x1b" in log                                   # escaped, still visible
     assert (rss_after - rss_before) * 1024 < 100 * 2**20
+
+
+# ------------------------------------------------------------------------------------------
+# 14. The clock: the budget is the runner's wall time, whatever the candidate counts
+# ------------------------------------------------------------------------------------------
+
+CLOCK_BUDGET = 25              # import torch, two or three exports on 1 CPU, then the deadline
+
+SAVES = r'''
+import prepare
+print(f"TOLD {prepare.time_left():.2f}", flush=True)     # first thing: what it was told
+''' + EXPORT + r'''
+import io, sys, time
+
+def program(module):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=2, max=prepare.SEQ_LEN)
+    return torch.export.export(module, (torch.zeros(2, 16, dtype=torch.long),),
+                               dynamic_shapes={"idx": {0: batch, 1: seq}})
+
+MODEL = os.path.join(OUT, "model.pt2")
+zeros = Table()
+with torch.no_grad():
+    zeros.table.zero_()                  # logits all 0: scores exactly the uniform bpb
+prepare.save_model(program(Table()), MODEL)     # random: worse than uniform
+prepare.save_model(program(zeros), MODEL)       # the last complete save
+print("SAVED", flush=True)
+'''
+
+IGNORES_THE_CLOCK = SAVES + r'''
+print("---")
+print("training_seconds: 1.0")           # a claim, kept as one
+sys.stdout.flush()
+while True:                              # trains on, ignoring the deadline
+    sum(i * i for i in range(100_000))
+'''
+
+SLOW_TEMP_FILE = SAVES + r'''
+with open(os.path.join(OUT, ".model.pt2.slow.tmp"), "wb") as f:   # a save cut short
+    print("WRITING", flush=True)
+    while True:                          # about 1.3 MB/s: bounded by the budget
+        f.write(b"\0" * 65536)
+        f.flush()
+        time.sleep(0.05)
+'''
+
+IN_PLACE_AT_THE_DEADLINE = SAVES + r'''
+buf = io.BytesIO()
+torch.export.save(program(Table()), buf)
+data = buf.getvalue()
+while prepare.time_left() > 2:
+    time.sleep(0.05)
+with open(MODEL, "wb") as f:             # not atomic: half an archive over the good one
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print("HALF WRITTEN", flush=True)
+    time.sleep(3600)
+'''
+
+MOVES_ITS_DEADLINE = r'''
+import os, time, prepare
+print(f"TOLD {prepare.time_left():.2f}", flush=True)
+os.environ["AUTORESEARCH_DEADLINE"] = str(time.time() + 3600)     # untimed steps, in effect
+prepare.DEADLINE += 3600
+print("MOVED", flush=True)
+while prepare.time_left() > 0:
+    sum(i * i for i in range(100_000))
+'''
+
+
+def told(rec: dict) -> float:
+    match = re.search(r"^TOLD ([0-9.]+)$", rec["log_tail"], re.M)
+    assert match, rec["log_tail"][-2000:]
+    return float(match.group(1))
+
+
+def stopped_on_time(rec: dict, budget: float) -> None:
+    """Frozen at the deadline: the runner's clock says the budget, within a second."""
+    assert rec["stopped_at_deadline"] is True, rec
+    assert budget - 0.5 <= rec["training_seconds"] <= budget + 1, rec["training_seconds"]
+    assert budget - 2 <= told(rec) <= budget + 0.5       # the candidate was told the same
+
+
+def test_candidate_that_ignores_the_clock_is_scored_on_its_last_save(tmp_path, small_data):
+    rec = trial(tmp_path, small_data, 141, IGNORES_THE_CLOCK, budget=CLOCK_BUDGET)
+    assert rec["status"] == "ok", rec
+    stopped_on_time(rec, CLOCK_BUDGET)
+    assert "stopped at the deadline" in rec["reason"]
+    bpb, uniform = rec["val_bpb"], rec["score"]["uniform_bpb"]
+    assert abs(bpb - uniform) < 0.01 * uniform, (bpb, uniform)     # the zeros, not the random one
+    assert rec["reported_training_seconds"] == 1.0                # what it said, under its name
+
+
+def test_save_cut_short_in_a_temporary_file_is_ignored(tmp_path, small_data):
+    rec = trial(tmp_path, small_data, 142, SLOW_TEMP_FILE, budget=CLOCK_BUDGET)
+    assert "WRITING" in rec["log_tail"]
+    assert rec["status"] == "ok", rec
+    stopped_on_time(rec, CLOCK_BUDGET)
+    bpb, uniform = rec["val_bpb"], rec["score"]["uniform_bpb"]
+    assert abs(bpb - uniform) < 0.01 * uniform, (bpb, uniform)
+
+
+def test_model_half_written_in_place_is_not_scored(tmp_path, small_data):
+    rec = trial(tmp_path, small_data, 143, IN_PLACE_AT_THE_DEADLINE, budget=CLOCK_BUDGET)
+    assert "HALF WRITTEN" in rec["log_tail"], rec["log_tail"][-2000:]
+    stopped_on_time(rec, CLOCK_BUDGET)
+    assert rec["status"] == "invalid" and rec["val_bpb"] is None, rec
+    assert rec["score"]["status"] == "invalid"           # the scorer refused the partial archive
+
+
+def test_moving_its_own_deadline_gains_no_time(tmp_path, small_data):
+    budget = 6
+    rec = trial(tmp_path, small_data, 144, MOVES_ITS_DEADLINE, budget=budget)
+    assert "MOVED" in rec["log_tail"]
+    assert rec["status"] == "timeout" and rec["val_bpb"] is None, rec    # no model: timeout
+    stopped_on_time(rec, budget)

@@ -18,9 +18,9 @@ def test_defaults_cap_at_the_machine_and_split_by_share():
 
 
 def test_a_request_keeps_what_was_set_and_fits_the_rest():
-    request = LimitRequest(memory_bytes=2**30, startup_s=30, share=None)
+    request = LimitRequest(memory_bytes=2**30, cpus=1.5, share=None)
     limits = request.resolve(SMALL, share=2)
-    assert limits == replace(default_limits(SMALL, share=2), memory_bytes=2**30, startup_s=30)
+    assert limits == replace(default_limits(SMALL, share=2), memory_bytes=2**30, cpus=1.5)
     assert resolve(limits, BIG) is limits                      # fixed limits stay as they are
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import git
 import pytest
 
-from conftest import REPO, docker_engine_missing, small_limits, wait_for_training
+from conftest import REPO, TRAIN_BUDGET, docker_engine_missing, small_limits, wait_for_training
 
 docker = pytest.importorskip("docker")
 
@@ -36,7 +36,7 @@ def config(project: Path, data: Path, tag: str, **kw) -> LoopConfig:
     """The threshold rule and one baseline unless a test asks: these tests are about the sandbox
     and the loop's mechanics (the sequential rule: tests/test_loop_scheduling.py)."""
     kw = {"keep_rule": "threshold", "noise_runs": 1, "same_seed_runs": 0, **kw}
-    return LoopConfig(tag=tag, budget=2, data_dir=data, runs_dir=project / "runs",
+    return LoopConfig(tag=tag, budget=TRAIN_BUDGET, data_dir=data, runs_dir=project / "runs",
                       repo_root=project, limits=LIMITS, eval_tokens=4096, **kw)
 
 
@@ -97,7 +97,7 @@ def test_overnight_search_agent(project: Path, small_data: Path):
     old, new = reproduce(kept["id"], project / "runs", small_data, limits=LIMITS)
     assert old["id"] == kept["id"] and new["status"] == "ok"
     assert new["image_tag"] == kept["image_tag"] and new["image_id"] == kept["image_id"]
-    assert new["train_sha256"] == kept["train_sha256"] and new["budget"] == 2
+    assert new["train_sha256"] == kept["train_sha256"] and new["budget"] == TRAIN_BUDGET
     # Training is time-budgeted, so on a busy CPU the step count and the score vary: the
     # rerun must train and score, not match to the digit.
     assert new["val_bpb"] < new["score"]["uniform_bpb"]
@@ -124,8 +124,8 @@ sys.path.insert(0, {repo!r})
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Limits
 limits = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * 2**20,
-                tmp_bytes=256 * 2**20, startup_s=60, score_timeout_s=300, score_memory_bytes=4 * 2**30)
-cfg = LoopConfig(tag={tag!r}, budget=2, data_dir=Path({data!r}), runs_dir=Path({runs!r}),
+                tmp_bytes=256 * 2**20, score_timeout_s=300, score_memory_bytes=4 * 2**30)
+cfg = LoopConfig(tag={tag!r}, budget={budget}, data_dir=Path({data!r}), runs_dir=Path({runs!r}),
                  repo_root=Path({project!r}), limits=limits, eval_tokens=4096,
                  max_experiments={n}, agent="search", keep_rule="threshold", noise_runs=1,
                  same_seed_runs=0)
@@ -137,7 +137,7 @@ def test_kill_9_and_resume(project: Path, small_data: Path):
     tag = f"{SESSION}-kill"
     runs = project / "runs"
     script = RUNNER.format(repo=str(REPO), tag=tag, data=str(small_data), runs=str(runs),
-                           project=str(project), n=4)
+                           project=str(project), n=4, budget=TRAIN_BUDGET)
     jsonl = runs / tag / "experiments.jsonl"
 
     def count() -> int:

@@ -1,8 +1,9 @@
 """The process backend (no container engine): the real train.py end to end, and hostile or broken
 candidates that must end as the right status, bounded in time and memory, leaving nothing behind.
 
-Every attack is bounded: budgets of 2 s, small hard caps, fixed output sizes, children that sleep
-at most 120 s and are killed by this test (by pid, found by a unique marker) if they survive."""
+Every attack is bounded: budgets of seconds (the runner's clock stops the candidate at its
+deadline), fixed output sizes, children that sleep at most 120 s and are killed by this test (by
+pid, found by a unique marker) if they survive."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def candidate(tmp_path: Path, source: str) -> Path:
     return path
 
 
-def trial(train_py: Path, data: Path, budget: int = 2, **limits) -> tuple:
+def trial(train_py: Path, data: Path, budget: int = 10, **limits) -> tuple:
     lines: list[str] = []
     spec = TrialSpec(train_py=train_py, data_dir=data, budget=budget, eval_tokens=4096,
-                     limits=Limits(**{"startup_s": 30, **limits}))
+                     limits=Limits(**limits))
     t0 = time.monotonic()
     outcome = process_backend.run(spec, lines.append)
     return outcome, lines, time.monotonic() - t0
@@ -79,13 +80,16 @@ def reap(marker: str) -> None:
 
 
 def test_real_train_py_scores(small_data, scratch, tmp_path):
-    outcome, lines, _ = trial(TRAIN_PY, small_data, budget=3, startup_s=120)
+    budget = 25                           # imports, a fallback export, training, the export
+    outcome, lines, _ = trial(TRAIN_PY, small_data, budget=budget)
     assert outcome.status == "ok", (outcome.reason, outcome.log_tail[-3000:])
     assert outcome.backend == "process" and outcome.image_tag is None
     assert outcome.val_bpb is not None and outcome.val_bpb < outcome.score["uniform_bpb"]
     assert outcome.score["status"] == "ok" and outcome.score["tokens"] == 4096
     assert int(outcome.summary["num_steps"]) > 0
-    assert float(outcome.summary["training_seconds"]) >= 3
+    assert float(outcome.summary["training_seconds"]) >= 3        # what it says it trained
+    assert outcome.training_seconds <= budget + 0.5                # the runner's clock
+    assert any("escapes it" in line for line in lines)             # the clock's limit, said
     assert {"build", "train", "score"} <= set(outcome.phases)
     assert outcome.exit_code == 0
     assert outcome.peak_memory_bytes and outcome.peak_memory_bytes > 50 * 2**20
@@ -111,8 +115,8 @@ def test_artifact_copied_out(small_data, scratch, tmp_path):
         print("---"); print("num_steps: 0")
     """
     art = tmp_path / "art"
-    spec = TrialSpec(train_py=candidate(tmp_path, source), data_dir=small_data, budget=2,
-                     eval_tokens=4096, artifact_dir=art, limits=Limits(startup_s=60))
+    spec = TrialSpec(train_py=candidate(tmp_path, source), data_dir=small_data, budget=60,
+                     eval_tokens=4096, artifact_dir=art, limits=Limits())
     outcome = process_backend.run(spec, lambda line: None)
     assert outcome.status == "ok", (outcome.reason, outcome.log_tail[-3000:])
     assert outcome.summary == {"num_steps": "0"}
@@ -193,10 +197,11 @@ def test_sigterm_ignoring_candidate_is_killed_with_its_children(small_data, scra
             time.sleep(1)
     """
     try:
-        outcome, _, seconds = trial(candidate(tmp_path, source), small_data, startup_s=2)
+        outcome, _, seconds = trial(candidate(tmp_path, source), small_data, budget=4)
         assert outcome.status == "timeout", outcome
         assert "children started" in outcome.log_tail
-        assert seconds < 2 + 2 + 6
+        assert outcome.stopped_at_deadline and 3.9 <= outcome.training_seconds <= 4.5
+        assert seconds < 4 + 6
         assert outcome.phases["train"] >= 4
         assert survivors(marker) == []
     finally:
@@ -306,3 +311,61 @@ def test_interrupt_kills_the_candidate_and_cleans_up(small_data, scratch, tmp_pa
         assert survivors(marker) == []
     finally:
         reap(marker)
+
+
+CLOCK_BUDGET = 15                         # import torch and save twice on a busy host
+
+SAVES = """
+    import io, os, sys, time, torch, prepare
+    vocab = prepare.load_meta()["vocab_size"]
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+        def forward(self, idx):
+            return self.table[idx]
+    def program(module):
+        b, t = torch.export.Dim("b", max=1024), torch.export.Dim("t", min=2, max=1024)
+        return torch.export.export(module, (torch.zeros(2, 16, dtype=torch.long),),
+                                   dynamic_shapes=({0: b, 1: t},))
+    model = os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2")
+    zeros = Table()
+    with torch.no_grad():
+        zeros.table.zero_()               # logits all 0: exactly the uniform bpb
+    prepare.save_model(program(Table()), model)
+    prepare.save_model(program(zeros), model)
+    print("SAVED", flush=True)
+"""
+
+
+def test_candidate_that_ignores_the_clock_is_stopped_and_scored_on_its_last_save(
+        small_data, scratch, tmp_path):
+    source = SAVES + """
+    while True:
+        sum(i * i for i in range(100_000))
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data, budget=CLOCK_BUDGET)
+    assert outcome.status == "ok", (outcome.reason, outcome.log_tail[-3000:])
+    assert outcome.stopped_at_deadline and "stopped at the deadline" in outcome.reason
+    assert CLOCK_BUDGET - 0.1 <= outcome.training_seconds <= CLOCK_BUDGET + 1
+    uniform = outcome.score["uniform_bpb"]
+    assert abs(outcome.val_bpb - uniform) < 0.01 * uniform       # the last save, the zeros
+
+
+def test_model_half_written_in_place_at_the_deadline_is_not_scored(small_data, scratch, tmp_path):
+    source = SAVES + """
+    buf = io.BytesIO()
+    torch.export.save(program(Table()), buf)
+    while prepare.time_left() > 1:
+        time.sleep(0.05)
+    with open(model, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        print("HALF WRITTEN", flush=True)
+        time.sleep(120)
+    """
+    outcome, _, _ = trial(candidate(tmp_path, source), small_data, budget=CLOCK_BUDGET)
+    assert "HALF WRITTEN" in outcome.log_tail, outcome.log_tail[-3000:]
+    assert outcome.stopped_at_deadline
+    assert outcome.status == "invalid" and outcome.val_bpb is None
+    assert outcome.score["status"] == "invalid"

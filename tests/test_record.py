@@ -63,6 +63,26 @@ def test_upgrade_finds_the_number_in_the_id():
     assert record.upgrade({"run": "tag", "number": 3})["id"] == "tag-3"
 
 
+def test_before_version_3_training_seconds_was_the_candidates_claim():
+    old = record.upgrade({"version": 2, "id": "tag-1", "status": "keep", "training_seconds": 300.1})
+    assert old["training_seconds"] is None and old["reported_training_seconds"] == 300.1
+    new = {"version": 3, "id": "tag-2", "training_seconds": 301.2, "reported_training_seconds": 9.0}
+    assert record.upgrade(dict(new))["training_seconds"] == 301.2       # the runner's, kept
+
+
+def test_the_record_takes_training_seconds_from_the_runner(tmp_path: Path):
+    from runner.sandbox import Outcome, TrialSpec
+
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "train.py").write_text("")
+    spec = TrialSpec(train_py=tmp_path / "train.py", data_dir=tmp_path, budget=60)
+    outcome = Outcome(status="ok", training_seconds=60.21, stopped_at_deadline=True,
+                      summary={"training_seconds": "12.0"})
+    rec = record.from_outcome(spec, outcome, "docker", 0.0, 70.0)
+    assert rec["training_seconds"] == 60.21 and rec["reported_training_seconds"] == 12.0
+    assert rec["stopped_at_deadline"] is True
+
+
 def test_find_by_id_or_image_tag(tmp_path: Path):
     (tmp_path / "old").mkdir()
     rec = dict(V1_BASELINE, image_tag="autoresearch/exp:old-0-aaaaaaa")

@@ -367,14 +367,14 @@ def test_overnight_docker_run_tracked_to_mlflow_and_wandb(stores, project: Path,
     """The done-criterion of issue 15: every experiment of a real overnight run (docker backend,
     search agent, tiny budget) is in MLflow's own client with its metrics, and in the W&B
     offline run, field for field as in the ledger."""
-    from conftest import docker_engine_missing, small_limits
+    from conftest import TRAIN_BUDGET, docker_engine_missing, small_limits
     if (why := docker_engine_missing()) is not None:
         pytest.skip(why)
     import git
     from runner.loop import LoopConfig, overnight
 
     tag = f"trk{os.getpid()}"
-    cfg = LoopConfig(tag=tag, budget=2, data_dir=small_data, runs_dir=project / "runs",
+    cfg = LoopConfig(tag=tag, budget=TRAIN_BUDGET, data_dir=small_data, runs_dir=project / "runs",
                      repo_root=project, limits=small_limits(), eval_tokens=4096, max_experiments=2,
                      agent="search", track=("mlflow", "wandb"), noise_runs=1, same_seed_runs=0)
     logs: list[str] = []

@@ -12,8 +12,8 @@ What it edits
     source text of that one value expression is rewritten; the rest of the file is untouched.
     Skipped: booleans, non-numeric values (``prepare.SEQ_LEN``, ``GPU``), zero and negative
     numbers (except that a zero dropout/decay may be switched on at 0.05 or 0.1), and names
-    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget, and the untimed
-    warm-up steps: more of them is training outside the clock, not a finding).
+    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget, and the margin
+    kept for the export: a thinner one is a bet against the runner's clock, not a finding).
 
 How a value moves (``up`` = larger, ``down`` = smaller; a small step first, a big one second)
     - ``2**k``: the exponent moves by 1 (big: 2); powers of two stay powers of two.
@@ -66,7 +66,7 @@ from typing import Iterable, cast
 from runner.agents import History, Proposal
 from runner.record import BROKE
 
-DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|UNTIMED|VERBOSE|LOG_EVERY"
+DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|EXPORT_|VERBOSE|LOG_EVERY"
 # A move that broke training bounds its direction; an `invalid` one (a rejected proposal, a
 # model the scorer refused) says nothing about the value.
 FAILED = BROKE

@@ -3,6 +3,7 @@ error that means "not the candidate's fault"."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ class TrialSpec:
 
     train_py: Path
     data_dir: Path
-    budget: int                                  # training seconds (AUTORESEARCH_TIME_BUDGET)
+    budget: int                                  # wall seconds of the candidate, all of them
     run: str = "trial"                           # run name: labels, tags, container names
     number: int = 0                              # experiment number within the run
     seed: int = 0
@@ -44,9 +45,11 @@ class TrialSpec:
 @dataclass
 class Outcome:
     """What a backend found. `status` is ok (scored; the loop turns it into keep or discard),
-    crash, timeout, oom or invalid. `phases` holds wall seconds of build, train, score (and, for the
-    docker backend, the steps inside them); `summary` is the candidate's own `key: value`
-    summary: informative, never trusted for the decision."""
+    crash, timeout, oom or invalid. `training_seconds` is the runner's own count of the
+    candidate's wall time, from the moment it started it to its exit or to the deadline at
+    which the runner froze it (the budget: nothing is outside it). `phases` holds wall seconds
+    of build, train, score (and, for the docker backend, the steps inside them); `summary` is
+    the candidate's own `key: value` summary: informative, never trusted for the decision."""
 
     status: str
     reason: str = ""
@@ -54,6 +57,8 @@ class Outcome:
     score: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, str] = field(default_factory=dict)
     log_tail: str = ""
+    training_seconds: float | None = None               # the runner's clock: start to exit or stop
+    stopped_at_deadline: bool = False                   # frozen and killed when the budget ran out
     exit_code: int | None = None
     phases: dict[str, float] = field(default_factory=dict)
     image_tag: str | None = None
@@ -114,3 +119,16 @@ def training_view(data_dir: Path) -> list[Path]:
         raise InfrastructureError(f"{data_dir} is incomplete ({', '.join(missing) or 'val/'} "
                                   "missing): run `autoresearch prepare` again")
     return [data_dir / name for name in TRAINING_FILES]
+
+
+DEADLINE_ENV = "AUTORESEARCH_DEADLINE"          # when the runner stops the candidate (epoch s)
+
+
+def deadline_env(budget: float, lead_s: float = 0.0) -> tuple[float, dict[str, str]]:
+    """The candidate's deadline, fixed now: (a `time.monotonic()` deadline for the runner,
+    the environment that tells the candidate the same moment as a `time.time()` epoch).
+    `lead_s` is the runner's own overhead between now and the candidate's start. A container
+    shares the host's clock (there is no time namespace), so the epoch means the same inside."""
+    mono, wall = time.monotonic(), time.time()
+    return mono + lead_s + budget, {DEADLINE_ENV: f"{wall + lead_s + budget:.3f}",
+                                    "AUTORESEARCH_TIME_BUDGET": str(budget)}

@@ -12,7 +12,11 @@ removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
   with no network, a read-only root, every capability dropped, no-new-privileges, pids, memory
   and CPU limits, ``prepare.py`` and the *training* part of the data mounted read-only, the
   validation split absent, an environment with nothing of the host's in it, and one GPU by
-  device request when the spec names one. The host kills it at ``budget + limits.startup_s``.
+  device request when the spec names one. Its clock is the runner's: the deadline is fixed
+  just before the container is created (``budget + limits.launch_s``, the engine's own start-up)
+  and passed in as ``AUTORESEARCH_DEADLINE``; at the deadline the container is frozen (``docker
+  pause``), so whatever ``model.pt2`` it had saved is final, and then killed. A candidate that
+  saved none is a ``timeout``.
 - the **scoring container**: the *base* image (no candidate code), the same restrictions, the
   whole data set and the output volume read-only; it runs ``prepare.py score`` and prints one
   JSON line, which is the score. Nothing the candidate printed is ever read as a score.
@@ -42,7 +46,8 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import images
-from runner.sandbox.base import Backend, InfrastructureError, Log, Outcome, TrialSpec, training_view
+from runner.sandbox.base import (Backend, InfrastructureError, Log, Outcome, TrialSpec,
+                                 deadline_env, training_view)
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 UID = "10001:10001"
@@ -224,6 +229,28 @@ def peak_memory(container, stop: threading.Event, result: dict) -> None:
         pass
 
 
+def run_to_deadline(container, deadline: float) -> tuple[int, bool]:
+    """Wait for the started `container` to exit, until `deadline` (`time.monotonic()`). At
+    the deadline it is frozen (``docker pause``: the cgroup freezer stops every process in it
+    at once, so nothing more is written), then killed. Returns (exit code, stopped)."""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            return container.wait(timeout=left)["StatusCode"], False
+        except requests.exceptions.ReadTimeout:
+            pass
+        except requests.exceptions.ConnectionError:   # a read timeout, or the engine went away
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    try:
+        container.pause()
+    except docker.errors.APIError:                     # it exited as the deadline came
+        container.reload()
+        if container.status == "exited":
+            return container.wait(timeout=30)["StatusCode"], False
+        raise
+    container.kill()                                   # works on a frozen container
+    return container.wait(timeout=30)["StatusCode"], True
+
+
 def inside_seconds(container) -> float | None:
     """How long the container's process itself ran, from the engine's own timestamps: the
     rest of a phase is the sandbox's cost (create, start, wait, teardown)."""
@@ -253,7 +280,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
     containers: list = []
     volume = None
     common = hardening(spec)
-    env = {"AUTORESEARCH_TIME_BUDGET": str(spec.budget), "AUTORESEARCH_SEED": str(spec.seed),
+    env = {"AUTORESEARCH_SEED": str(spec.seed),
            "AUTORESEARCH_DATA_DIR": "/data", "AUTORESEARCH_OUT": "/out", "HOME": "/tmp",
            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
     try:
@@ -285,6 +312,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
 
         # ---- train (untrusted) ----
         mounts = [ro(PREPARE_PY, "/app/prepare.py")] + [ro(p, f"/data/{p.name}") for p in training]
+        deadline, told = deadline_env(spec.budget, lim.launch_s)
+        env.update(told)
         train = cli.containers.create(
             tag, ["python", "-u", "/app/train.py"], name=f"ar-train-{suffix}",
             environment=env, mounts=mounts,
@@ -300,16 +329,14 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         stop, mem = threading.Event(), dict[str, int]()
         gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         train.start()
+        started = time.monotonic()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
         sampler.start()
-        cap = spec.budget + lim.startup_s
-        timed_out = False
-        try:
-            exit_code = train.wait(timeout=cap)["StatusCode"]
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            timed_out = True
-            train.kill()
-            exit_code = train.wait(timeout=30)["StatusCode"]
+        exit_code, stopped = run_to_deadline(train, deadline)
+        outcome.training_seconds = time.monotonic() - started
+        outcome.stopped_at_deadline = stopped
+        if stopped:
+            log(f"{train.name}: stopped at the deadline ({spec.budget}s)")
         stop.set()
         gpu_sampler.stop()
         outcome.gpu = gpu_sampler.summary()
@@ -324,7 +351,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         outcome.log_tail = escape_log(log_text, lim.log_bytes)
         outcome.peak_memory_bytes = mem.get("peak")
 
-        status, reason = classify_exit(exit_code, oom_killed, timed_out, log_text,
+        status, reason = classify_exit(exit_code, oom_killed, stopped, log_text,
                                        has_model(holder))
         outcome.status, outcome.reason = status, reason
         if status != "ok":

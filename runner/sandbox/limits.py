@@ -1,5 +1,11 @@
 """Resource limits of a trial, and how they are fitted to the machine that runs it.
 
+Time is not among them: the budget is the trial's (`TrialSpec.budget`), counted by the runner
+from the moment it starts the candidate, with no allowance for start-up, compilation or export.
+`Limits.launch_s` is the one exception, and it is the runner's, not the candidate's: the docker
+backend fixes the candidate's deadline just before it creates the training container, and
+creating and starting a container takes the engine 0.2-0.5 s that the candidate never sees.
+
 A command asks for limits with a `LimitRequest` (what the person said, and how many trials
 share the machine); `resolve` turns it into `Limits` *on the machine that runs the trial*: this
 one for a local trial, the node for a Ray trial (whose size is what Ray says it has, so
@@ -27,7 +33,7 @@ class Limits:
     out_files: int = 1024                 # files in the output
     tmp_bytes: int = 2 * 2**30            # /tmp (compile caches, HOME)
     log_bytes: int = 256 * 2**10          # candidate output kept for the record (tail)
-    startup_s: int = 240                  # hard cap = budget + this (imports, compile, export)
+    launch_s: float = 0.5                 # docker create + start (0.2-0.5 s measured)
     score_timeout_s: int = 600            # the scorer's own cap
     score_memory_bytes: int = 32 * 2**30  # RAM of the scoring container
 
@@ -61,7 +67,6 @@ class LimitRequest:
 
     memory_bytes: int | None = None
     cpus: float | None = None
-    startup_s: int | None = None
     share: int | None = 1
 
     def resolve(self, machine: Machine, share: int | None = None) -> Limits:
@@ -70,8 +75,6 @@ class LimitRequest:
             limits.memory_bytes = self.memory_bytes
         if self.cpus is not None:
             limits.cpus = self.cpus
-        if self.startup_s is not None:
-            limits.startup_s = self.startup_s
         return limits
 
 

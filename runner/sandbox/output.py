@@ -70,11 +70,18 @@ def parse_summary(log: str) -> dict[str, str]:
     return out
 
 
-def classify_exit(exit_code: int | None, oom_killed: bool, timed_out: bool, log: str,
+STOPPED_SCORED = "stopped at the deadline: scored on the last model.pt2 it saved"
+
+
+def classify_exit(exit_code: int | None, oom_killed: bool, stopped: bool, log: str,
                   model_exists: bool) -> tuple[str, str]:
-    """Status and reason of the training phase, from what the host saw."""
-    if timed_out:
-        return "timeout", "killed at the hard wall-clock cap"
+    """Status and reason of the training phase, from what the host saw. `stopped`: the runner
+    froze and killed it at the deadline; the model it had saved by then is what is scored (a
+    save that was cut short never replaced `model.pt2`, or left a file the scorer refuses)."""
+    if stopped:
+        if model_exists:
+            return "ok", STOPPED_SCORED
+        return "timeout", "stopped at the deadline without having saved a model.pt2"
     if oom_killed or re.search(r"CUDA out of memory|OutOfMemoryError|\bMemoryError\b", log[-20000:]):
         return "oom", "ran out of memory"
     if exit_code != 0:

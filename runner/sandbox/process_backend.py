@@ -10,17 +10,21 @@ docker backend and returns the same ``Outcome``:
 - **train**: ``python -u train.py`` in its own session and process group, stdin closed, output
   merged into one pipe of which only the last ``limits.log_bytes`` are kept, an explicit minimal
   environment (nothing of the host's but PATH and the few GPU library variables), core dumps off,
-  a per-file size limit, an open-file limit and, without a GPU, an address-space limit. At
-  ``budget + limits.startup_s`` the whole group is SIGKILLed (SIGTERM can be ignored). After any
-  exit, every process left in the group or session, or carrying this trial's marker in its
-  environment, is SIGKILLed too.
+  a per-file size limit, an open-file limit and, without a GPU, an address-space limit. The
+  budget is wall time from the launch, told to the candidate as ``AUTORESEARCH_DEADLINE``; at the
+  deadline the whole group is stopped (SIGSTOP, which cannot be caught), so the ``model.pt2`` it
+  had saved is final, and then SIGKILLed. After any exit, every process left in the group or
+  session, or carrying this trial's marker in its environment, is SIGKILLed too.
 - **score**: ``model.pt2`` is copied (never through a link) into a separate folder and the
   trusted ``prepare.py score`` runs on it with the whole data set; its one JSON line is the score.
 
 What this does NOT do: the candidate runs as this user, on this machine, with this user's files,
 network, GPUs and credentials on disk. The training view of the data is a courtesy to honest code
 (a symlink can be followed to ``val/``), the limits are per process, and a process that leaves
-the session and scrubs its environment can outlive the trial. Use the docker backend for
+the session and scrubs its environment can outlive the trial. The clock is no better: SIGSTOP
+reaches the process group, so a candidate that forks a process out of the group (``setsid``)
+keeps it running past the deadline until the kill that follows, and can write a model in that
+moment or, with a scrubbed environment, long after. Use the docker backend for
 anything you would not run yourself.
 """
 
@@ -42,12 +46,14 @@ from pathlib import Path
 
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
-from runner.sandbox.base import Backend, Log, Outcome, TrialSpec, training_view
+from runner.sandbox.base import Backend, Log, Outcome, TrialSpec, deadline_env, training_view
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 WARNING = ("WARNING: the process backend is NOT a sandbox and isolates nothing: train.py runs "
            "as user {user} on this machine, with this user's files, network, GPUs and any "
-           "credentials on disk. Use the docker backend for candidates you do not trust.")
+           "credentials on disk, and its clock stops only its process group (a process that "
+           "forks out of the group escapes the budget). Use the docker backend for candidates "
+           "you do not trust.")
 
 # Host variables passed through when set: GPU boxes need the library paths, and the NCCL/torch
 # switches keep multi-GPU hosts from using NVLink multicast. Nothing else of the host's passes.
@@ -258,9 +264,11 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
     """Run train.py to its end or the cap; fills the outcome's train fields; returns the log."""
     lim = spec.fixed_limits
     env = build_env(work, spec.gpu)
-    env.update({"AUTORESEARCH_TIME_BUDGET": str(spec.budget), "AUTORESEARCH_SEED": str(spec.seed),
+    env.update({"AUTORESEARCH_SEED": str(spec.seed),
                 "AUTORESEARCH_DATA_DIR": str(work / "data"), "AUTORESEARCH_OUT": str(work / "out"),
                 MARKER: marker})
+    deadline, told = deadline_env(spec.budget)        # a fork is the runner's only overhead
+    env.update(told)
     read_fd, write_fd = os.pipe()
     try:
         proc = launch([sys.executable, "-u", "train.py"], work, env,
@@ -270,10 +278,10 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
         raise
     finally:
         os.close(write_fd)
+    started = time.monotonic()
     procs.append(proc)
     tail, total, peak = bytearray(), 0, 0
-    deadline = time.monotonic() + spec.budget + lim.startup_s
-    timed_out = False
+    stopped = False
     next_sample = 0.0
     os.set_blocking(read_fd, False)
     eof = False
@@ -286,7 +294,11 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
             if exited(proc.pid):
                 break
             if now >= deadline:
-                timed_out = True
+                stopped = True
+                try:                              # freeze the group: nothing more is written
+                    os.killpg(proc.pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    pass
                 break
             if eof:                               # output closed; wait for the exit
                 time.sleep(min(0.05, max(0.0, deadline - now)))
@@ -302,9 +314,12 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
                 tail += chunk
                 if len(tail) > 2 * lim.log_bytes:
                     del tail[:-lim.log_bytes]
-        # The leader is dead (or still a zombie we hold) or over time: kill what is left.
+        outcome.training_seconds = time.monotonic() - started
+        # The leader is dead (or still a zombie we hold) or frozen at the deadline: kill what is
+        # left (SIGKILL ends a stopped process too).
         kill_all(proc.pid, f"{MARKER}={marker}".encode())
         returncode = proc.wait(timeout=30)
+        outcome.stopped_at_deadline = stopped
         # Read what is still buffered in the pipe (bounded: everything that wrote is dead).
         end = time.monotonic() + DRAIN_S
         while not eof and time.monotonic() < end:
@@ -325,12 +340,12 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
     text = tail.decode("utf-8", errors="replace")
     note = f"[{total - len(tail):,} earlier bytes of output dropped]\n" if total > len(tail) else ""
     # Only a SIGKILL the runner did not send counts as the kernel's OOM killer.
-    oom_killed = returncode == -signal.SIGKILL and not timed_out
+    oom_killed = returncode == -signal.SIGKILL and not stopped
     outcome.exit_code = exit_code_of(returncode)
     outcome.summary = parse_summary(text)
     outcome.log_tail = note + escape_log(text, max(1, lim.log_bytes - len(note)))
     outcome.peak_memory_bytes = peak or None
-    outcome.status, outcome.reason = classify_exit(outcome.exit_code, oom_killed, timed_out, text,
+    outcome.status, outcome.reason = classify_exit(outcome.exit_code, oom_killed, stopped, text,
                                                    is_regular(work / "out" / "model.pt2"))
     return text
 
@@ -413,8 +428,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
 
         # ---- train (untrusted, and NOT isolated) ----
         t1 = time.perf_counter()
-        log(f"training {spec.train_py} for {spec.budget}s (hard cap "
-            f"{spec.budget + lim.startup_s}s) in {work}")
+        log(f"training {spec.train_py} for {spec.budget}s of wall time in {work}; the clock "
+            "stops its process group, and a process that leaves the group escapes it")
         gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         try:
             train(spec, work, marker, outcome, procs)
