@@ -24,6 +24,7 @@ removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -33,7 +34,7 @@ import tarfile
 import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ LABEL_RUN = "autoresearch.run"
 LABEL_OWNER = "autoresearch.owner"          # host:pid of the runner that made it
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 TAG_REPO = "autoresearch/exp"
+UNFROZEN = ("could not be frozen at the deadline, so it may have written after it: killed, "
+            "not scored")
 SCORE_CMD = ["python", "-I", "/app/prepare.py", "score", "--model", "/model/model.pt2",
              "--data-dir", "/data"]
 
@@ -229,26 +232,78 @@ def peak_memory(container, stop: threading.Event, result: dict) -> None:
         pass
 
 
-def run_to_deadline(container, deadline: float) -> tuple[int, bool]:
+@dataclass
+class Stop:
+    """How the training container ended: its exit code, whether the runner stopped it at the
+    deadline, whether it was frozen then (a candidate that could not be frozen may have written
+    after the deadline: it is not scored), and when it stopped (``time.monotonic()``: the
+    moment the freeze took hold or the exit was seen, not the later kill and teardown)."""
+    exit_code: int | None
+    at_deadline: bool
+    frozen: bool
+    at: float
+
+
+KILL_ALL = "import os, signal; os.kill(-1, signal.SIGKILL)"
+
+
+def kill_inside(container, image: str, options: dict[str, Any]) -> None:
+    """SIGKILL every process of the candidate's uid in `container`'s process namespace but its
+    PID 1, from a short-lived container joined to that namespace as the same uid. On a frozen
+    container the signal is pending when it thaws, so nothing runs any more of its own code:
+    `docker kill` signals PID 1 only and thaws the rest, and a candidate that starves PID 1
+    (it runs as the candidate's uid) would otherwise run on after the freeze. `kill(-1)` cannot
+    miss a process forked meanwhile. Best effort: a failure is logged by the caller."""
+    killer = container.client.containers.run(
+        image or "", ["python", "-I", "-c", KILL_ALL], detach=True,
+        pid_mode=f"container:{container.id}", mem_limit="64m", pids_limit=8,
+        **{**options, "init": False, "user": UID})
+    try:
+        killer.wait(timeout=30)
+    finally:
+        with contextlib.suppress(Exception):
+            killer.remove(force=True)
+
+
+def run_to_deadline(container, deadline: float, image: str = "",
+                    options: dict[str, Any] | None = None, log: Log = print) -> Stop:
     """Wait for the started `container` to exit, until `deadline` (`time.monotonic()`). At
     the deadline it is frozen (``docker pause``: the cgroup freezer stops every process in it
-    at once, so nothing more is written), then killed. Returns (exit code, stopped)."""
+    at once, so nothing more is written), every process in it is killed while frozen
+    (`kill_inside`), and then the container. When the freeze fails (runc gives up on a crowd
+    of processes busy in system calls), the processes are killed as they run and the trial is
+    reported stopped but not frozen: not scored. Never raises for the candidate's doing."""
+    opts = options or {}
     while (left := deadline - time.monotonic()) > 0:
         try:
-            return container.wait(timeout=left)["StatusCode"], False
+            code = container.wait(timeout=left)["StatusCode"]
+            return Stop(code, False, False, time.monotonic())
         except requests.exceptions.ReadTimeout:
             pass
         except requests.exceptions.ConnectionError:   # a read timeout, or the engine went away
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    frozen = True
     try:
         container.pause()
-    except docker.errors.APIError:                     # it exited as the deadline came
+    except docker.errors.APIError as e:
         container.reload()
-        if container.status == "exited":
-            return container.wait(timeout=30)["StatusCode"], False
-        raise
-    container.kill()                                   # works on a frozen container
-    return container.wait(timeout=30)["StatusCode"], True
+        if container.status == "exited":               # it exited as the deadline came
+            return Stop(container.wait(timeout=30)["StatusCode"], False, False, time.monotonic())
+        log(f"{container.name}: could not be frozen at the deadline ({str(e)[:200]}): killed")
+        frozen = False
+    at = time.monotonic()
+    for attempt in range(3):
+        try:
+            kill_inside(container, image, opts)
+        except Exception as e:                          # noqa: BLE001 - the kill below still runs
+            log(f"{container.name}: killing its processes failed ({str(e)[:200]})")
+        try:
+            container.kill()                           # works on a frozen container
+            code = container.wait(timeout=30)["StatusCode"]
+            return Stop(code, True, frozen, at)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+            log(f"{container.name}: kill failed ({str(e)[:200]}), attempt {attempt + 1}")
+    return Stop(None, True, frozen, at)                # teardown removes it by force
 
 
 def inside_seconds(container) -> float | None:
@@ -332,11 +387,13 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         started = time.monotonic()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
         sampler.start()
-        exit_code, stopped = run_to_deadline(train, deadline)
-        outcome.training_seconds = time.monotonic() - started
+        stop_ = run_to_deadline(train, deadline, tag, common, log)
+        exit_code, stopped = stop_.exit_code, stop_.at_deadline
+        outcome.training_seconds = stop_.at - started
         outcome.stopped_at_deadline = stopped
         if stopped:
-            log(f"{train.name}: stopped at the deadline ({spec.budget}s)")
+            log(f"{train.name}: stopped at the deadline ({spec.budget}s)"
+                + ("" if stop_.frozen else ", not frozen: not scored"))
         stop.set()
         gpu_sampler.stop()
         outcome.gpu = gpu_sampler.summary()
@@ -353,6 +410,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
 
         status, reason = classify_exit(exit_code, oom_killed, stopped, log_text,
                                        has_model(holder))
+        if stopped and not stop_.frozen:
+            status, reason = "timeout", UNFROZEN
         outcome.status, outcome.reason = status, reason
         if status != "ok":
             return outcome
