@@ -30,26 +30,32 @@ bench/RESULTS.md:
 What the runner needs on the machine (the benchmark path imports `runner.loop`, the process
 backend and the search agent only): Python >= 3.10 with torch and numpy (for train.py and the
 scorer), the `git` command, and three pure-Python wheels: GitPython, gitdb, smmap. Nothing else
-of the project's dependencies (no rich, click, litellm, docker, pynvml, matplotlib: without
-pynvml the records have no GPU telemetry; without rich and matplotlib the loop's closing report
-is skipped with one line, and `autoresearch report` makes it later from the ledger in --out).
+of the project's dependencies (rich, click, litellm, docker, pynvml, matplotlib are not needed:
+without pynvml the records have no GPU telemetry; without rich or matplotlib the loop's closing
+report is skipped with one line, and `autoresearch report` makes it later from the ledger kept
+in --out). Checked on a CPU with every other third-party package made unimportable.
 
-**On the lent GPU machine** (no network; at most 10 minutes a command, so one data set per
-command). From this machine, with the wheels downloaded once (`pip download --no-deps
---only-binary=:all: -d .whl GitPython gitdb smmap`) and a prepared copy of the data in the
-checkout (ignored paths: `.devdata/shakespeare`, made by `autoresearch prepare --dataset
-shakespeare --out .devdata/shakespeare` or copied), the device command is
+**On the lent GPU machine** (checked 2026-11-30 on the one-H200 kind: Python 3.12 in
+/opt/torch/.venv with torch 2.11 and numpy, /usr/bin/git, rich, click, matplotlib and pynvml
+present; GitPython, gitdb and smmap missing; no network; at most 10 minutes a command, so one
+data set per command). Its `pip` belongs to another Python than its `python`: unpack the wheels
+instead of installing them. From the checkout here, with the wheels downloaded once (`pip
+download --no-deps --only-binary=:all: -d .whl GitPython gitdb smmap`; they are in
+/work/main/.whl) and a prepared copy of the data (`.devdata/shakespeare`: `autoresearch prepare`
+or a copy), the device command, on the `nvidia-h200-x2` kind with `carry: [".whl",
+".devdata/shakespeare"]` and a 600 s limit:
 
-    pip install -q --no-index --no-deps .whl/*.whl && \
-    python bench/research_yield.py --data shakespeare=.devdata/shakespeare --gpus 0,1 \
-        --budget 60 --minutes 6 --out "$OUT/yield"
+    mkdir -p /tmp/pylib && for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/pylib; done && \
+    PYTHONPATH=/tmp/pylib python bench/research_yield.py --data shakespeare=.devdata/shakespeare \
+        --gpus 0,1 --budget 60 --minutes 6 --out "$OUT/yield"
 
-run with `carry: [".whl", ".devdata/shakespeare"]` on the `nvidia-h200-x2` kind and a 600 s
-limit (6 minutes of starts, then the last trials' 60 s budget, compile and scoring: about 8.5
-minutes). The big data set goes the same way (`--data NAME=DIR` with its prepared folder; the
-carry limit is 64 MiB in all, so a bigger one must be prepared on the machine). Checked on a
-CPU only (`--gpus cpu --budget 20 --minutes 3 --eval-tokens 4096`, with everything but
-GitPython, gitdb and smmap made unimportable).
+(6 minutes of starts, then the last trials' 60 s and scoring: about 7.5 minutes.) Keep the
+budget at 60 s or more: the runner's clock includes import and torch.compile (about 35 s cold
+on an H200), and a smoke run at 25 s on one H200 (8 trials) scored every trial on train.py's
+untrained fallback export (val_bpb 3.9453 for all, the noise 0.00002): such a run measures
+start-up, not research (`bench/slot_share.py` then says so). The big data set goes the same way
+(`--data NAME=DIR`, its prepared folder; the carry limit is 64 MiB in all, so a bigger one must
+be prepared on the machine).
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ def trial_figures(rec: Mapping[str, Any]) -> dict[str, Any]:
     slot = _num(rec.get("wall_seconds"))
     return {"number": rec.get("number"), "role": rec.get("role") or "candidate",
             "status": rec.get("trial_status") or rec.get("status"), "cache": cache_state(rec),
+            "stopped": bool(rec.get("stopped_at_deadline")),
             "budget": _num(rec.get("budget")), "startup": startup, "steps": steps,
             "train": _num(phases.get("train")), "score": _num(phases.get("score")),
             "build": _num(phases.get("build")), "slot": slot,
@@ -115,6 +116,10 @@ def _f(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def markdown(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]], title: str = "") -> str:
     lines = [f"Slot time of {title}:" if title else "Slot time:", "",
              "| # | role | status | cache | start-up s | steps s | train s | score s | slot s "
@@ -122,18 +127,22 @@ def markdown(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]], titl
     for r in rows:
         lines.append(f"| {r['number']} | {r['role']} | {r['status']} | {r['cache']} | "
                      f"{_f(r['startup'])} | {_f(r['steps'])} | {_f(r['train'])} | {_f(r['score'])} | "
-                     f"{_f(r['slot'])} | {_f(None if r['share'] is None else 100 * r['share'], '.0f')}% |")
+                     f"{_f(r['slot'])} | {_pct(r['share'])} |")
     lines += ["", "| cache | trials | start-up s (median) | score s (median) | slot s (median) "
               "| steps / slot (median) | steps / slot (pooled) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
-        med, pooled = g["median_share"], g["pooled_share"]
         lines.append(f"| {name} | {g['n']} | {_f(g['median_startup'])} | {_f(g['median_score'])} | "
-                     f"{_f(g['median_slot'])} | {_f(None if med is None else 100 * med, '.0f')}% | "
-                     f"{_f(None if pooled is None else 100 * pooled, '.0f')}% |")
+                     f"{_f(g['median_slot'])} | {_pct(g['median_share'])} | {_pct(g['pooled_share'])} |")
     lines += ["", "steps: the candidate's reported training window; slot: the runner's wall "
               "seconds of the trial (build, train, score, clean-up); start-up: train.py's start "
               "to the end of its first step, as it reports it."]
+    blind = [r for r in rows if r["stopped"] and r["steps"] is None]
+    if blind:
+        lines += ["", f"Note: {len(blind)} of {len(rows)} trials were stopped at the deadline "
+                  "before train.py printed its summary (no steps, no start-up figure): they were "
+                  "scored on an earlier export, often the early fallback one. A budget that small "
+                  "measures start-up, not training: raise it."]
     return "\n".join(lines)
 
 

@@ -67,3 +67,16 @@ def test_command_on_a_run_folder(tmp_path):
     data = json.loads(subprocess.run([sys.executable, script, str(run), "--json"],
                                      capture_output=True, text=True, check=True, timeout=60).stdout)
     assert data["groups"]["cold"]["n"] == 1 and len(data["trials"]) == 4
+
+
+def test_a_budget_too_small_to_train_is_said():
+    """Trials frozen at the deadline before train.py printed its summary have no steps; the
+    Markdown says the run measured start-up, not training."""
+    frozen = {**trial(0, "cold", None, 0.0, 34.0), "reported_training_seconds": None,
+              "summary": {}, "stopped_at_deadline": True}
+    rows = slot_share.trials([frozen, trial(1, "warm", 8.0, 50.0, 80.0)])
+    assert rows[0]["steps"] is None and rows[0]["share"] is None
+    text = slot_share.markdown(rows, slot_share.summarise(rows))
+    assert "| 0 | candidate | ok | cold | - | - | 62.0 | 10.0 | 34.0 | - |" in text
+    assert "1 of 2 trials were stopped at the deadline" in text
+    assert "were stopped" not in slot_share.markdown(rows[1:], slot_share.summarise(rows[1:]))
