@@ -542,10 +542,12 @@ def machine_cmd(backend: str, as_json: bool, field: str | None) -> None:
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               hidden=True, help="Where runs live (default: <repo>/runs).")
 def status_cmd(tag: str | None, runs_dir: Path | None) -> None:
-    """One row per experiment: status, val_bpb, the change against the best before it,
-    memory, training and wall seconds, LLM tokens and cost, GPU-hours, description. The
-    caption sums the run up: kept, failed, the best val_bpb, LLM tokens and cost next to
-    GPU-hours, and what one kept improvement cost. Safe to run while `overnight` is running.
+    """One row per experiment: status, val_bpb (the score it was decided on: the mean of a
+    rerun candidate's runs, the baseline's mean over its seeds), the change against the best
+    before it, memory, training and wall seconds, LLM tokens and cost, GPU-hours, description.
+    The caption sums the run up: kept, failed, the best val_bpb, the measured noise and the
+    reruns' share, LLM tokens and cost next to GPU-hours, and what one kept improvement cost.
+    Safe to run while `overnight` is running.
     """
     from rich.console import Console
 

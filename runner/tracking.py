@@ -4,14 +4,19 @@ The ledger (`experiments.jsonl`) stays the truth; a tracker is a copy of it that
 read in the tools they already use. What a tracker receives per experiment:
 
 - **params**: tag, number, id, role, parent and candidate commit, image tag, budget, seed,
-  backend, agent and LLM model, the GPU's name;
+  backend, agent and LLM model, the GPU's name; the keep rule and its test, and the val_bpb of
+  each of a candidate's runs (`runs_val_bpb`, comma-separated);
 - **metrics**: val_bpb, delta, training seconds, tokens/s, MFU, peak memory, wall seconds per
-  phase, the GPU telemetry summary, LLM tokens and cost;
-- **tags**: status, decision, reason, trial status, description;
+  phase, the GPU telemetry summary, LLM tokens and cost; the keep decision's figures
+  (`mean_bpb`, and `test_*`: runs, mean, best_runs, best_mean, difference, sd, df, statistic,
+  critical, p_value, alpha, alpha_per_look, max_runs, margin, limit);
+- **tags**: status, decision, reason, trial status, description, the test's `effect`;
 - **artifacts**: the candidate's diff of train.py (`diff.patch`) and its log tail (`log_tail.txt`);
 
-and, per overnight run, a summary (experiments, keeps, failures, best val_bpb, LLM cost) updated
-after every record. MLflow: one experiment per overnight run (`autoresearch/<tag>`, or
+and, per overnight run, a summary (experiments, keeps, failures, the best's and the baseline's
+scores as decided (means of their runs), the measured noise: `noise_seed_sd`, `noise_seeds`,
+`noise_same_seed_sd`, `noise_same_seed_runs`, and the reruns' share of trial time, LLM cost)
+updated after every record. MLflow: one experiment per overnight run (`autoresearch/<tag>`, or
 `$MLFLOW_EXPERIMENT_NAME`), a parent run `<tag>` holding the summary, one child run per
 experiment. W&B: project `$WANDB_PROJECT` (default `autoresearch`), group `<tag>`, one run per
 experiment (id `<tag>-<n>`) and a `<tag>-summary` run. Both libraries read their own standard
@@ -33,7 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from runner import decide
 from runner.record import Record, finite_number
+
 Log = Callable[[str], None]
 DiffFn = Callable[[str, str], str]
 
@@ -68,8 +75,24 @@ def params(rec: Record) -> dict[str, str]:
         "agent": ("llm" if llm.get("model") else "search") if role == "candidate" else "none",
         "llm_model": llm.get("model"),
         "gpu_name": (rec.get("gpu") or {}).get("name"),
+        "keep_rule": _test(rec).get("rule"), "test": _test(rec).get("test"),
+        "runs_val_bpb": ",".join(str(v) for v in _run_values(rec)) or None,
     }
     return {k: str(v) for k, v in values.items() if v is not None and v != ""}
+
+
+TEST_NUMBERS = ("mean", "best_mean", "difference", "sd", "df", "statistic", "critical", "p_value",
+                "alpha", "alpha_per_look", "max_runs", "margin", "limit")
+
+
+def _test(rec: Record) -> dict[str, Any]:
+    t = rec.get("test")
+    return t if isinstance(t, dict) else {}
+
+
+def _run_values(rec: Record) -> list[Any]:
+    runs = r if isinstance(r := rec.get("runs"), list) else []
+    return [run.get("val_bpb") for run in runs if isinstance(run, dict)]
 
 
 def metrics(rec: Record) -> dict[str, float]:
@@ -88,6 +111,13 @@ def metrics(rec: Record) -> dict[str, float]:
         "llm_completion_tokens": llm.get("completion_tokens"),
         "llm_cost_usd": llm.get("cost_usd"),
     }
+    values["mean_bpb"] = rec.get("mean_bpb")
+    t = _test(rec)
+    for key in TEST_NUMBERS:                   # the keep decision's figures
+        values[f"test_{key}"] = t.get(key)
+    for key in ("runs", "best_runs"):          # how many runs each side of the test had
+        if isinstance(t.get(key), list):
+            values[f"test_{key}"] = len(t[key])
     for phase, seconds in (rec.get("phases") or {}).items():
         values[f"phase_{phase}_seconds"] = seconds
     for key, value in (rec.get("gpu") or {}).items():
@@ -98,7 +128,7 @@ def metrics(rec: Record) -> dict[str, float]:
 def tags(rec: Record) -> dict[str, str]:
     values = {"status": rec.get("status"), "decision": rec.get("decision"),
               "reason": rec.get("reason"), "trial_status": rec.get("trial_status"),
-              "description": rec.get("description")}
+              "description": rec.get("description"), "effect": _test(rec).get("effect")}
     return {k: str(v)[:MAX_TEXT] for k, v in values.items() if v not in (None, "")}
 
 
@@ -117,7 +147,9 @@ def artifacts(rec: Record, diff: DiffFn | None) -> dict[str, str]:
 
 
 def run_summary(records: Iterable[Record]) -> dict[str, float]:
-    """The overnight run so far: experiments, keeps, failures, best and baseline val_bpb, cost."""
+    """The overnight run so far: experiments, keeps, failures, the best's and the baseline's
+    scores as they were decided on (a rerun candidate's mean, the baseline's mean over its
+    seeds), the noise and the reruns' share of trial time, cost."""
     records = list(records)
     kept = [r for r in records if r.get("status") == "keep" and finite_number(r.get("val_bpb")) is not None]
     base = next((r for r in records if r.get("role") == "baseline"), None)
@@ -127,11 +159,37 @@ def run_summary(records: Iterable[Record]) -> dict[str, float]:
         "failures": float(sum(1 for r in records if r.get("status") in FAILED)),
         "llm_cost_usd": sum(finite_number((r.get("llm") or {}).get("cost_usd")) or 0.0 for r in records),
     }
+
+    def score(r: Record) -> float:
+        """What a kept record was decided on: its mean where it has one; the baseline's mean
+        over its seeds (the noise runs of its commit that are not same-seed reruns)."""
+        if r is base:
+            seeds = [v for x in records if x.get("role") in ("baseline", "noise")
+                     and x.get("commit") == r.get("commit") and not x.get("same_seed")
+                     and (v := finite_number(x.get("val_bpb"))) is not None]
+            if seeds:
+                return sum(seeds) / len(seeds)
+        mean = finite_number(r.get("mean_bpb"))
+        return mean if mean is not None else float(r["val_bpb"] or 0.0)   # kept: a number
+
     if kept:
-        out["best_val_bpb"] = float(kept[-1]["val_bpb"] or 0.0)   # kept: a number
+        out["best_val_bpb"] = score(kept[-1])        # each keep beat the best before it
         out["best_number"] = float(kept[-1]["number"])
     if base is not None and finite_number(base.get("val_bpb")) is not None:
-        out["baseline_val_bpb"] = float(base["val_bpb"] or 0.0)
+        out["baseline_val_bpb"] = score(base)
+    try:
+        noise = decide.noise_of(records)
+        reruns, total = decide.rerun_share(records)
+    except (TypeError, ValueError):                  # a hand-edited ledger: no noise figures
+        noise, reruns, total = None, 0.0, 0.0
+    if noise is not None:
+        out["noise_seeds"] = float(len(noise.seeds))
+        out["noise_same_seed_runs"] = float(noise.n_same_seed)
+        for key, value in (("noise_seed_sd", noise.seed_sd), ("noise_same_seed_sd", noise.same_seed_sd)):
+            if value is not None:
+                out[key] = value
+    if total:
+        out["rerun_share"] = reruns / total
     return out
 
 

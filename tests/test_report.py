@@ -309,3 +309,62 @@ def test_cost_per_result_in_status_and_report(setup, tmp_path):
     assert "GPU-hours" in page and ">0.861<" in page
     assert "$0.03 · 0.287 GPU h" in page and "3 kept change(s)" in page
     assert "<td class=num>0.172</td>" in page and "<td class=num>0.0300</td>" in page
+
+
+# ---- what was decided: means, not first runs ----
+
+def decided_records() -> list[dict[str, Any]]:
+    """A baseline whose first seed is its luckiest (0.97; its mean over 3 seeds is 0.99), a
+    candidate kept on the mean of two runs (first run 0.975, mean 0.98), and one discarded after
+    three runs (first run 0.96, the lowest single number in the run, mean 0.99)."""
+    records = [rec(0, "keep", 0.97, "baseline", commit="a" * 40),
+               {**rec(1, "discard", 1.01, "noise: seed 1001", commit="a" * 40), "role": "noise"},
+               {**rec(2, "discard", 0.99, "noise: seed 1002", commit="a" * 40), "role": "noise"},
+               {**rec(3, "discard", 0.9701, "noise: same seed 0", commit="a" * 40),
+                "role": "noise", "same_seed": True},
+               {**rec(4, "keep", 0.975, "warmup 5%", commit="b" * 40), "role": "candidate",
+                "mean_bpb": 0.98,
+                "runs": [{"seed": 0, "val_bpb": 0.975, "wall_seconds": 333.0},
+                         {"seed": 1, "val_bpb": 0.985, "wall_seconds": 333.0}],
+                "test": {"rule": "sequential", "runs": [0.975, 0.985], "mean": 0.98,
+                         "best_mean": 0.99, "statistic": 3.1, "critical": 2.9,
+                         "p_value": 0.01, "alpha": 0.05}},
+               {**rec(5, "discard", 0.96, "lr x2", commit="c" * 40), "role": "candidate",
+                "mean_bpb": 0.99,
+                "runs": [{"seed": 0, "val_bpb": 0.96, "wall_seconds": 333.0},
+                         {"seed": 1, "val_bpb": 1.0, "wall_seconds": 333.0},
+                         {"seed": 2, "val_bpb": 1.01, "wall_seconds": 333.0}]}]
+    for r in records[:4]:
+        r.setdefault("role", "baseline")
+        r["seed"] = {0: 0, 1: 1001, 2: 1002, 3: 0}[r["number"]]
+    return records
+
+
+def test_plot_draws_the_decided_means_and_the_reruns():
+    from runner.report.plot import plot_points
+    records = decided_records()
+    pts = plot_points(records)
+    approx = pytest.approx
+    assert pts["kept"] == [(0, approx(0.99)), (4, approx(0.98))]     # baseline: mean of 3 seeds
+    assert pts["discarded"] == [(5, approx(0.99))]                   # not its lucky first run
+    assert [n for n, _ in pts["noise"]] == [1, 2, 3]
+    assert pts["runs"] == [(4, 0.975), (4, 0.985), (5, 0.96), (5, 1.0), (5, 1.01)]
+    assert pts["best"] == [(0, approx(0.99)), (4, approx(0.98))]
+    assert report.render_png(records, TAG)[:8] == PNG_MAGIC
+
+
+def test_table_and_page_show_the_decided_means(tmp_path):
+    records = decided_records()
+    s = report.summary(records)
+    assert s["best"] is records[4]                  # 0.98 beats the baseline's mean 0.99
+    assert s["best_bpb"] == pytest.approx(0.98) and s["improvement"] == pytest.approx(0.01)
+    out = io.StringIO()
+    Console(file=out, width=220).print(report.status_table(records, TAG))
+    rows = {line.split("│")[1].strip(): line for line in out.getvalue().splitlines()
+            if line.count("│") > 5 and line.split("│")[1].strip().isdigit()}
+    assert "0.990000" in rows["0"] and "baseline" in rows["0"]
+    assert "0.980000" in rows["4"] and "-0.010000" in rows["4"] and "[mean of 2 runs]" in rows["4"]
+    assert "0.990000" in rows["5"] and "+0.010000" in rows["5"] and "0.960000" not in rows["5"]
+    text = report.report_html(records, TAG, {}, tmp_path / "r.html").read_text()
+    assert "runs: 0.960000, 1.000000, 1.010000 (val_bpb: the mean)" in text
+    assert "mean val_bpb 0.980000 of 2 runs (-0.010000)" in text

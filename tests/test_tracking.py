@@ -21,6 +21,7 @@ mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
 
 from runner.ledger import Ledger  # noqa: E402
+from runner.record import VERSION  # noqa: E402
 from runner.tracking import (  # noqa: E402
     Tracking, TrackingError, backfill, check, metrics, params, run_summary, tags, used_before)
 
@@ -43,7 +44,7 @@ def make_records(tag: str = TAG, n: int = 5) -> list[dict]:
         status = ("keep" if i == 0 else "crash" if failed else
                   "keep" if bpb < best - 0.0005 else "discard")
         rec = {
-            "version": 1, "id": f"{tag}-{i}", "run": tag, "number": i,
+            "version": VERSION, "id": f"{tag}-{i}", "run": tag, "number": i,
             "parent": None if i == 0 else f"{i - 1:040x}", "commit": f"{i:040x}",
             "image_tag": f"autoresearch/exp:{tag}-{i}-{i:07x}", "image_id": f"sha256:{i:064x}",
             "description": "baseline" if i == 0 else f"search: LR {i} <script>alert(1)</script>",
@@ -427,3 +428,59 @@ def test_overnight_docker_run_tracked_to_mlflow_and_wandb(stores, project: Path,
     assert (sent, left) == (1, 0)
     check_mlflow(stores["uri"], ledger.records, tag=tag, diff=real_diff)
     check_wandb(stores["wandb_dir"], ledger.records, tag=tag, diff=real_diff)
+
+
+def sequential_records(tag: str = TAG) -> list[dict]:
+    """A run under the sequential rule: the baseline and its noise runs (seeds 0, 1001, 1002
+    and seed 0 again), a candidate kept on two runs, one discarded as flat after two."""
+    base = make_records(tag, n=1)[0]
+    noise = []
+    for i, (seed, bpb, same) in enumerate([(1001, 2.02, False), (1002, 1.98, False), (0, 2.001, True)], 1):
+        noise.append({**base, "id": f"{tag}-{i}", "number": i, "role": "noise", "seed": seed,
+                      "val_bpb": bpb, "status": "discard", "description": f"noise: seed {seed}",
+                      "decision": "noise measurement, never kept", "same_seed": same})
+    test = {"rule": "sequential", "test": "one-sided pooled t-test, Bonferroni over looks",
+            "alpha": 0.05, "alpha_per_look": 0.0125, "max_runs": 4, "margin": 0.0,
+            "best_runs": [2.0, 2.02, 1.98], "best_mean": 2.0, "runs": [1.9, 1.91], "mean": 1.905,
+            "difference": 0.095, "sd": 0.02, "df": 3, "statistic": 5.2, "critical": 4.18,
+            "p_value": 0.0069, "effect": "better"}
+    keep = {**make_records(tag)[4], "id": f"{tag}-4", "number": 4, "val_bpb": 1.9, "status": "keep",
+            "runs": [{"seed": 0, "status": "ok", "val_bpb": 1.9, "wall_seconds": 9.0},
+                     {"seed": 1, "status": "ok", "val_bpb": 1.91, "wall_seconds": 9.0}],
+            "mean_bpb": 1.905, "test": test, "delta": -0.095}
+    flat = {**make_records(tag)[2], "id": f"{tag}-5", "number": 5, "val_bpb": 1.89,
+            "status": "discard", "mean_bpb": 1.9,
+            "runs": [{"seed": 0, "status": "ok", "val_bpb": 1.89, "wall_seconds": 7.0},
+                     {"seed": 1, "status": "ok", "val_bpb": 1.91, "wall_seconds": 7.0}],
+            "test": {**test, "best_runs": [1.9, 1.91], "best_mean": 1.905, "runs": [1.89, 1.91],
+                     "mean": 1.9, "statistic": 0.3, "p_value": 0.39, "effect": "flat"}}
+    return [{**base, "seed": 0}, *noise, keep, flat]
+
+
+def test_the_keep_decision_and_the_noise_reach_mlflow_and_wandb(stores):
+    """Each decision's figures (runs, means, spread, t, p, alpha) and the run's measured noise
+    are metrics, params and tags in both trackers, and the summary's best is the decided mean."""
+    records = sequential_records()
+    tracking = Tracking(["mlflow", "wandb"], TAG, stores["run_dir"], records, diff=fake_diff).start()
+    assert tracking.close(timeout=120) == 0
+    check_mlflow(stores["uri"], records)
+    check_wandb(stores["wandb_dir"], records)
+    expected = {"mean_bpb": 1.905, "test_mean": 1.905, "test_best_mean": 2.0, "test_runs": 2,
+                "test_best_runs": 3, "test_difference": 0.095, "test_sd": 0.02, "test_df": 3,
+                "test_statistic": 5.2, "test_critical": 4.18, "test_p_value": 0.0069,
+                "test_alpha": 0.05, "test_alpha_per_look": 0.0125, "test_max_runs": 4}
+    by_id, parent, _ = mlflow_runs(stores["uri"], TAG)
+    kept = by_id[f"{TAG}-4"].data
+    assert {k: kept.metrics[k] for k in expected} == pytest.approx(expected)
+    assert kept.params["runs_val_bpb"] == "1.9,1.91" and kept.params["keep_rule"] == "sequential"
+    assert kept.tags["effect"] == "better" and by_id[f"{TAG}-5"].data.tags["effect"] == "flat"
+    noise = {"noise_seeds": 3, "noise_seed_sd": 0.02, "noise_same_seed_runs": 2,
+             "noise_same_seed_sd": 0.001 * 2 ** 0.5 / 2,        # seed 0: 2.0 and 2.001
+             "best_val_bpb": 1.905, "baseline_val_bpb": 2.0,      # means, not first runs
+             "rerun_share": 16 / (4 * 5.0 + 9.0 + 7.0 + 16)}     # the second runs' seconds
+    assert {k: parent.data.metrics[k] for k in noise} == pytest.approx(noise)
+    wb = wandb_runs(stores["wandb_dir"])
+    (step,) = wb[f"{TAG}-4"]["history"]
+    assert {k: step[k] for k in expected} == pytest.approx(expected)
+    assert wb[f"{TAG}-4"]["summary"]["effect"] == "better"
+    assert {k: wb[f"{TAG}-summary"]["history"][-1][k] for k in noise} == pytest.approx(noise)

@@ -12,9 +12,10 @@ from typing import Any
 
 from runner.record import FAILED, Record
 from runner.report.plot import render_png
-from runner.report.summary import (annotate, bpb_of, cost_of, date_text, duration, finite, fmt,
+from runner.report.summary import (annotate, cost_of, date_text, duration, finite, fmt,
                                    gpu_hours, gpus_of, is_kept, money, number_of, one_line,
-                                   rule_text, status_of, summary, tokens_of, train_seconds,
+                                   rule_text, run_scores, status_of, summary, tokens_of,
+                                   train_seconds,
                                    wall_seconds)
 from runner.report.table import hours
 
@@ -109,11 +110,10 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
             "<th class=num>wall s</th><th class=num>tokens</th><th class=num>LLM $</th>"
             "<th class=num>GPU h</th><th>started</th><th>commit</th><th>description</th></tr>")
     rows = []
-    for rec, best_before in annotate(records):
+    for rec, bpb, best_before in annotate(records):      # bpb: the score decided on
         status = status_of(rec)
         cls = _status_class(status)
         n = number_of(rec)
-        bpb = bpb_of(rec)
         if bpb is not None and best_before is not None:
             d = bpb - best_before
             delta = f'<span class="{"better" if d < 0 else "worse"}">{d:+.6f}</span>'
@@ -126,6 +126,10 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
             number = f'<a href="#diff-{n}">{n}</a>'
         commit = _e(str(rec.get("commit") or "-")[:7])
         desc = f"<div>{_e(rec.get('description') or '-')}</div>"
+        if runs := run_scores(rec):
+            desc += (f'<div class="decision">runs: {_e(", ".join(f"{v:.6f}" for v in runs))}'
+                     f"{' (val_bpb: the mean)' if finite(rec.get('mean_bpb')) is not None else ''}"
+                     "</div>")
         if test := rule_text(rec):
             desc += f'<div class="decision">{_e(test)}</div>'
         if rec.get("reason"):
@@ -156,12 +160,13 @@ def _table_html(records: list[Record], diffs: dict[int, str]) -> str:
 
 def _changes_html(records: list[Record], diffs: dict[int, str], have_repo: bool) -> str:
     parts = []
-    for rec, best_before in annotate(records):
+    for rec, bpb, best_before in annotate(records):
         n = number_of(rec)
-        bpb = bpb_of(rec)
         if not is_kept(rec) or n is None or bpb is None or best_before is None:   # the baseline
             continue
-        meta = f"val_bpb {bpb:.6f} ({bpb - best_before:+.6f})"
+        runs = run_scores(rec)
+        meta = (f"mean val_bpb {bpb:.6f} of {len(runs)} runs" if runs else f"val_bpb {bpb:.6f}")
+        meta += f" ({bpb - best_before:+.6f})"
         if test := rule_text(rec):
             meta += f" · kept on {test}"
         if rec.get("commit"):

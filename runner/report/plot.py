@@ -1,5 +1,11 @@
 """The progress plot of a run: val_bpb by experiment, kept, discarded and failed, the running
-best and the baseline (matplotlib's object API on the Agg canvas: no pyplot, no display)."""
+best and the baseline (matplotlib's object API on the Agg canvas: no pyplot, no display).
+
+Each experiment is drawn at the score it was decided on (`summary.decided_scores`): a candidate
+that was rerun at the mean of its runs, the baseline at the mean over its seeds; the single runs
+of a rerun candidate are drawn as small open marks joined to that mean, and the noise runs
+(the baseline's other seeds and same-seed reruns) as their own marks, not as discards.
+`plot_points` is what is drawn, as numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.record import FAILED, Record
-from runner.report.summary import bpb_of, by_number, is_kept, number_of, one_line, plural, summary
+from runner.report.summary import (by_number, decided_scores, is_kept, number_of, one_line,
+                                   plural, run_scores, summary)
 
 MAX_ANNOTATIONS = 10
 PLOT_SIZE = (11.0, 5.6)          # inches
@@ -21,6 +28,31 @@ def progress_png(records: list[Record], path: Path, tag: str | None = None) -> P
     path = Path(path)
     path.write_bytes(render_png(records, tag))
     return path
+
+
+def plot_points(records: list[Record]) -> dict[str, list[tuple[int, float]]]:
+    """What the plot draws, as (experiment number, val_bpb) pairs: `kept`, `discarded` and
+    `noise` at their decided scores (`decided_scores`), `runs` (each run of a candidate run more
+    than once), `best` (the running best's steps) and `failed` (numbers only, y 0)."""
+    ordered = by_number(records)
+    scores = decided_scores(ordered)
+    out: dict[str, list[tuple[int, float]]] = {k: [] for k in
+                                               ("kept", "discarded", "noise", "runs", "best", "failed")}
+    for r in ordered:
+        n = number_of(r)
+        if n is None:
+            continue
+        y = scores.get(id(r))
+        if y is None:
+            out["failed"].append((n, 0.0))
+            continue
+        kind = ("kept" if is_kept(r) else "noise" if r.get("role") in ("baseline", "noise")
+                else "discarded")
+        out[kind].append((n, y))
+        out["runs"].extend((n, v) for v in run_scores(r))
+        if kind == "kept" and (not out["best"] or y < out["best"][-1][1]):
+            out["best"].append((n, y))
+    return out
 
 
 def render_png(records: list[Record], tag: str | None = None) -> bytes:
@@ -46,9 +78,10 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
         ax.spines[side].set_visible(False)
 
     numbered = [(r, n) for r in ordered if (n := number_of(r)) is not None]
-    scored = [(r, n) for r, n in numbered if bpb_of(r) is not None]
-    failed = [(r, n) for r, n in numbered if bpb_of(r) is None]
-    if not scored:
+    pts = plot_points(ordered)
+    scores = decided_scores(ordered)
+    failed = pts["failed"]
+    if not (pts["kept"] or pts["discarded"] or pts["noise"]):
         ax.set_title(f"{plural(s['experiments'], 'experiment')}, none scored", fontsize=10, loc="left",
                      color="#555555")
         msg = "no scored experiment yet"
@@ -67,17 +100,16 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
             ax.set_xticks([])
         return _png_bytes(fig)
 
-    kept = [(r, n) for r, n in scored if is_kept(r)]
-    others = [(r, n) for r, n in scored if not is_kept(r)]
+    kept = [(r, n) for r, n in numbered if is_kept(r)]
     base, best = s["baseline_bpb"], s["best_bpb"]
-    values = [scored_bpb(r) for r, _ in scored]
+    values = [y for k in ("kept", "discarded", "noise") for _, y in pts[k]]
     ref_hi = base if base is not None else sorted(values)[len(values) // 2]
     ref_lo = best if best is not None else min(values)
     span = max(ref_hi - ref_lo, 0.0)
     pad = max(span * 0.12, abs(ref_hi) * 0.004, 1e-3)
-    lo = min(min(values), ref_lo) - pad * 1.6        # room for the labels under kept points
+    lo = min(min(values + [y for _, y in pts["runs"]]), ref_lo) - pad * 1.6   # room for labels
     # Far-off results (a diverged run) would flatten the interesting part: clip them.
-    hi = max(ref_hi + max(span * 0.6, pad * 2), max(scored_bpb(r) for r, _ in kept) + pad if kept else ref_hi)
+    hi = max(ref_hi + max(span * 0.6, pad * 2), max(y for _, y in pts["kept"]) + pad if kept else ref_hi)
     hi = min(hi, max(values) + pad)
     hi = max(hi, ref_hi + pad)
     xs_all = [n for _, n in numbered]
@@ -89,36 +121,43 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
     many = len(numbered) > 150
     trans = ax.get_xaxis_transform()           # x in data, y in axes fraction
 
-    inside = [(r, n) for r, n in others if scored_bpb(r) <= hi]
-    above = [(r, n) for r, n in others if scored_bpb(r) > hi]
+    others = pts["discarded"] + pts["noise"]
+    inside = [(n, y) for n, y in pts["discarded"] if y <= hi]
+    above = [(n, y) for n, y in others if y > hi]
+    if pts["runs"]:
+        # a rerun candidate's single runs, joined to the mean it was decided on
+        for n in dict.fromkeys(n for n, _ in pts["runs"]):
+            ys = [y for m, y in pts["runs"] if m == n]
+            ax.vlines(n, min(ys), max(ys), color="#a5b4fc", linewidth=0.9, zorder=1.5)
+        ax.scatter([n for n, _ in pts["runs"]], [min(y, hi) for _, y in pts["runs"]], s=14,
+                   facecolors="none", edgecolors="#6366f1", linewidths=0.8, zorder=2.5,
+                   label=f"runs of rerun candidates ({len(pts['runs'])})")
     if inside:
-        ax.scatter([n for _, n in inside], [scored_bpb(r) for r, _ in inside], s=10 if many else 18,
+        ax.scatter([n for n, _ in inside], [y for _, y in inside], s=10 if many else 18,
                    color="#9ca3af", alpha=0.75, linewidths=0, zorder=2,
-                   label=f"discarded ({len(others)})")
+                   label=f"discarded ({len(pts['discarded'])})")
+    noise_in = [(n, y) for n, y in pts["noise"] if y <= hi]
+    if noise_in:
+        ax.scatter([n for n, _ in noise_in], [y for _, y in noise_in], s=16, marker="D",
+                   facecolors="none", edgecolors="#6b7280", linewidths=0.8, zorder=2,
+                   label=f"noise runs ({len(pts['noise'])})")
     if above:
-        ax.scatter([n for _, n in above], [0.985] * len(above), transform=trans, marker="^",
+        ax.scatter([n for n, _ in above], [0.985] * len(above), transform=trans, marker="^",
                    s=18, color="#9ca3af", zorder=2, clip_on=False,
                    label=f"off the scale ({len(above)})")
     if failed:
-        ax.scatter([n for _, n in failed], [0.015] * len(failed), transform=trans, marker="x",
+        ax.scatter([n for n, _ in failed], [0.015] * len(failed), transform=trans, marker="x",
                    s=14, color="#dc2626", linewidths=1.0, zorder=2, clip_on=False,
                    label=f"failed ({len(failed)})")
 
     if kept:
         # the running best: a step line from the first keep to the last experiment
-        steps_x: list[float] = []
-        steps_y: list[float] = []
-        for r, n in kept:
-            if steps_y and scored_bpb(r) >= steps_y[-1]:
-                continue
-            steps_x.append(n)
-            steps_y.append(scored_bpb(r))
-        steps_x.append(max(xs_all) + 0.5)
-        steps_y.append(steps_y[-1])
+        steps_x: list[float] = [n for n, _ in pts["best"]] + [max(xs_all) + 0.5]
+        steps_y: list[float] = [y for _, y in pts["best"]] + [pts["best"][-1][1]]
         ax.step(steps_x, steps_y, where="post", color="#16a34a", linewidth=1.8, alpha=0.9,
-                zorder=3, label="running best")
+                zorder=3, label="running best (means)")
         size = 30 if len(kept) > 40 else (46 if many else 64)
-        ax.scatter([n for _, n in kept], [scored_bpb(r) for r, _ in kept], s=size, color="#22c55e",
+        ax.scatter([n for n, _ in pts["kept"]], [y for _, y in pts["kept"]], s=size, color="#22c55e",
                    edgecolors="#14532d", linewidths=1.0, zorder=4, label=f"kept ({len(kept)})")
     if base is not None:
         ax.axhline(base, color="#6b7280", linestyle="--", linewidth=1.0, zorder=1,
@@ -133,14 +172,19 @@ def render_png(records: list[Record], tag: str | None = None) -> bytes:
     ax.set_title(sub, fontsize=9.5, loc="left", color="#4b5563")
     legend = ax.legend(loc="upper right", fontsize=8.5, frameon=True, framealpha=0.9,
                        edgecolor="#e5e7eb")
-    _annotate_gains(ax, kept, s["baseline"], legend)
+    _annotate_gains(ax, kept, s["baseline"], legend, scores)
     return _png_bytes(fig)
 
 
 def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | None,
-                    legend: Any = None) -> None:
+                    legend: Any = None, scores: dict[int, float] | None = None) -> None:
     """Label the kept points with the biggest gains: at most MAX_ANNOTATIONS, biggest first,
     each where it overlaps no other label, kept marker or the legend (else left out)."""
+    scores = scores if scores is not None else decided_scores([r for r, _ in kept])
+
+    def scored_bpb(r: Record) -> float:
+        return scores[id(r)]
+
     gains, prev = [], None
     for r, n in kept:
         bpb = scored_bpb(r)
@@ -193,14 +237,6 @@ def _annotate_gains(ax: Any, kept: list[tuple[Record, int]], baseline: Record | 
                 ann.remove()
             if done:
                 break
-
-
-def scored_bpb(rec: Record) -> float:
-    """val_bpb of a record known to be scored."""
-    value = bpb_of(rec)
-    if value is None:
-        raise ValueError(f"experiment {rec.get('id')} has no val_bpb")
-    return value
 
 
 def _png_bytes(fig: Any) -> bytes:

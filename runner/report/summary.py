@@ -47,7 +47,36 @@ def baseline_score(records: list[Record], baseline: Record) -> float | None:
     values = [v for r in records if r.get("role") in ("baseline", "noise")
               and r.get("commit") == baseline.get("commit") and not r.get("same_seed")
               and (v := bpb_of(r)) is not None]
-    return sum(values) / len(values) if values else bpb_of(baseline)
+    return sum(values) / len(values) if values else score_of(baseline)
+
+
+def baseline_of(ordered: list[Record]) -> Record | None:
+    """The run's baseline: kept experiment #0, else the first kept (records in number order)."""
+    kept = [r for r in ordered if is_kept(r)]
+    return next((r for r in kept if number_of(r) == 0), kept[0] if kept else None)
+
+
+def run_scores(rec: Record) -> list[float]:
+    """val_bpb of each scored run of a candidate that was run more than once (its `runs`: the
+    first run and the reruns), else []."""
+    runs = r if isinstance(r := rec.get("runs"), list) else []
+    values = [v for run in runs if isinstance(run, dict) and (v := finite(run.get("val_bpb"))) is not None]
+    return values if len(values) >= 2 else []
+
+
+def decided_scores(records: Iterable[Record]) -> dict[int, float]:
+    """id(record) -> the score its decision was made on, for every scored record: the mean of
+    its runs for a rerun candidate (`mean_bpb`), the mean over its seeds for the baseline (what
+    candidates were tested against), else its one val_bpb. What the table, the page and the plot
+    show, so they draw what was decided, not a first run."""
+    ordered = by_number(records)
+    baseline = baseline_of(ordered)
+    out: dict[int, float] = {}
+    for r in ordered:
+        value = (baseline_score(ordered, r) if r is baseline else score_of(r))
+        if value is not None:
+            out[id(r)] = value
+    return out
 
 
 def status_of(rec: Record) -> str:
@@ -113,15 +142,17 @@ def gpu_hours(rec: Record) -> float:
     return train_seconds(rec) * gpus_of(rec) / 3600
 
 
-def annotate(records: list[Record]) -> list[tuple[Record, float | None]]:
-    """(record, best kept val_bpb before it), in experiment order."""
-    out: list[tuple[Record, float | None]] = []
+def annotate(records: list[Record]) -> list[tuple[Record, float | None, float | None]]:
+    """(record, its decided score (`decided_scores`), the best kept score before it), in
+    experiment order."""
+    scores = decided_scores(records)
+    out: list[tuple[Record, float | None, float | None]] = []
     best: float | None = None
     for rec in by_number(records):
-        out.append((rec, best))
-        bpb = bpb_of(rec)
-        if is_kept(rec) and bpb is not None:
-            best = bpb if best is None else min(best, bpb)
+        score = scores.get(id(rec))
+        out.append((rec, score, best))
+        if is_kept(rec) and score is not None:
+            best = score if best is None else min(best, score)
     return out
 
 
@@ -129,8 +160,9 @@ def summary(records: list[Record]) -> dict[str, Any]:
     """Counts, baseline, best and cost: what the caption and the page header say."""
     ordered = by_number(records)
     kept = [r for r in ordered if is_kept(r)]
-    baseline = next((r for r in kept if number_of(r) == 0), kept[0] if kept else None)
-    best = min(kept, key=lambda r: (score_of(r), -(number_of(r) or 0))) if kept else None
+    baseline = baseline_of(ordered)
+    scores = decided_scores(ordered)
+    best = min(kept, key=lambda r: (scores[id(r)], -(number_of(r) or 0))) if kept else None
     counts: dict[str, int] = {}
     for r in ordered:
         counts[status_of(r)] = counts.get(status_of(r), 0) + 1
@@ -138,7 +170,7 @@ def summary(records: list[Record]) -> dict[str, Any]:
     dates = sorted(d for d in (local_time(r.get("started_at")) for r in ordered) if d is not None)
     walls = [w for w in (wall_seconds(r) for r in ordered) if w is not None]
     base_bpb = baseline_score(ordered, baseline) if baseline else None
-    best_bpb = (base_bpb if best is baseline else score_of(best)) if best else None
+    best_bpb = scores[id(best)] if best else None
     try:
         noise = noise_of(ordered)
         reruns, trials = rerun_share(ordered)

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.record import FAILED, STATUS_STYLE, Record
-from runner.report.summary import (annotate, bpb_of, cost_of, finite, fmt, gpu_hours, gpus_of,
+from runner.report.summary import (annotate, cost_of, finite, fmt, gpu_hours, gpus_of,
                                    money, noise_text, number_of, one_line, plural, status_of,
                                    summary, tokens_of, train_seconds, wall_seconds)
 
@@ -49,9 +49,8 @@ def status_table(records: list[Record], tag: str, description_width: int = 60) -
     table.add_column("LLM $", justify="right", no_wrap=True, min_width=5)
     table.add_column("GPU h", justify="right", no_wrap=True, min_width=5)
     table.add_column("description", overflow="fold", min_width=8, max_width=description_width)
-    for rec, best_before in annotate(records):
+    for rec, bpb, best_before in annotate(records):      # bpb: the score decided on
         status = status_of(rec)
-        bpb = bpb_of(rec)
         if bpb is not None and best_before is not None:
             d = bpb - best_before
             delta = Text(f"{d:+.6f}", style="green" if status == "keep" else ("red" if d > 0 else ""))
@@ -62,7 +61,8 @@ def status_table(records: list[Record], tag: str, description_width: int = 60) -
         reason = one_line(rec.get("reason")) if status in FAILED else ""
         text = one_line(rec.get("description")) or "-"
         if isinstance(runs := rec.get("runs"), list) and len(runs) > 1:
-            text += f" [{len(runs)} runs]"
+            text += (f" [mean of {len(runs)} runs]" if finite(rec.get("mean_bpb")) is not None
+                     else f" [{len(runs)} runs]")
         if reason:                       # the description, then as much of the reason as fits
             text = one_line(text, max(description_width // 2, description_width - len(reason) - 2))
         desc = Text(one_line(text, description_width))
