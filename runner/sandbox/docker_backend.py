@@ -24,7 +24,6 @@ removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -247,7 +246,7 @@ class Stop:
 KILL_ALL = "import os, signal; os.kill(-1, signal.SIGKILL)"
 
 
-def kill_inside(container, image: str, options: dict[str, Any]) -> None:
+def kill_inside(container, image: str, options: dict[str, Any], spawned: list) -> None:
     """SIGKILL every process of the candidate's uid in `container`'s process namespace but its
     PID 1, from a short-lived container joined to that namespace as the same uid. On a frozen
     container the signal is pending when it thaws, so nothing runs any more of its own code:
@@ -258,15 +257,13 @@ def kill_inside(container, image: str, options: dict[str, Any]) -> None:
         image or "", ["python", "-I", "-c", KILL_ALL], detach=True,
         pid_mode=f"container:{container.id}", mem_limit="64m", pids_limit=8,
         **{**options, "init": False, "user": UID})
-    try:
-        killer.wait(timeout=30)
-    finally:
-        with contextlib.suppress(Exception):
-            killer.remove(force=True)
+    spawned.append(killer)                             # the trial's teardown removes it
+    killer.wait(timeout=30)
 
 
 def run_to_deadline(container, deadline: float, image: str = "",
-                    options: dict[str, Any] | None = None, log: Log = print) -> Stop:
+                    options: dict[str, Any] | None = None, log: Log = print,
+                    spawned: list | None = None) -> Stop:
     """Wait for the started `container` to exit, until `deadline` (`time.monotonic()`). At
     the deadline it is frozen (``docker pause``: the cgroup freezer stops every process in it
     at once, so nothing more is written), every process in it is killed while frozen
@@ -274,6 +271,7 @@ def run_to_deadline(container, deadline: float, image: str = "",
     of processes busy in system calls), the processes are killed as they run and the trial is
     reported stopped but not frozen: not scored. Never raises for the candidate's doing."""
     opts = options or {}
+    spawned = [] if spawned is None else spawned        # containers made here, for teardown
     while (left := deadline - time.monotonic()) > 0:
         try:
             code = container.wait(timeout=left)["StatusCode"]
@@ -294,7 +292,7 @@ def run_to_deadline(container, deadline: float, image: str = "",
     at = time.monotonic()
     for attempt in range(3):
         try:
-            kill_inside(container, image, opts)
+            kill_inside(container, image, opts, spawned)
         except Exception as e:                          # noqa: BLE001 - the kill below still runs
             log(f"{container.name}: killing its processes failed ({str(e)[:200]})")
         try:
@@ -387,7 +385,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         started = time.monotonic()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
         sampler.start()
-        stop_ = run_to_deadline(train, deadline, tag, common, log)
+        stop_ = run_to_deadline(train, deadline, tag, common, log, containers)
         exit_code, stopped = stop_.exit_code, stop_.at_deadline
         outcome.training_seconds = stop_.at - started
         outcome.stopped_at_deadline = stopped
