@@ -69,6 +69,7 @@ def check_branch_agrees(project: Path, tag: str, ledger: Ledger) -> None:
     assert not repo.is_dirty(untracked_files=False)
 
 
+@pytest.mark.timeout(1200)     # six trials of the whole budget each, scored on a shared CPU
 def test_overnight_search_agent(project: Path, small_data: Path):
     tag = f"{SESSION}-search"
     ledger = overnight(config(project, small_data, tag, max_experiments=4, agent="search"),
