@@ -97,10 +97,15 @@ def run_one(name: str, data: Path, gpus: list[str | None], args: argparse.Namesp
                      executor=LocalTrials("process"), noise_runs=args.noise_runs,
                      same_seed_runs=args.same_seed_runs, alpha=args.alpha,
                      rerun_share=args.rerun_share, eval_tokens=args.eval_tokens)
+    cache_dir = cfg.runs_dir / cfg.tag / "compile-cache"     # the kept line's (runner.loop)
+    if args.cache_from is not None:                           # start warm: another run's cache
+        shutil.copytree(args.cache_from, cache_dir)
     ledger = overnight(cfg, log=lambda line: print(f"[{name}] {line}", flush=True))
     if args.out is not None:
         (args.out / name).mkdir(parents=True, exist_ok=True)
         shutil.copy(cfg.runs_dir / cfg.tag / "experiments.jsonl", args.out / name / "experiments.jsonl")
+        if cache_dir.is_dir():                                # for a later --cache-from
+            shutil.copytree(cache_dir, args.out / name / "compile-cache", dirs_exist_ok=True)
     return {"name": name, "records": list(ledger.records), "wall": time.time() - start,
             "slots": len(gpus)}
 
@@ -187,6 +192,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="keep each data set's ledger, the Markdown and every record here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache-from", type=Path, default=None, metavar="DIR",
+                    help="start the run on this compile cache (a compile-cache folder --out kept)")
     args = ap.parse_args()
     if not args.data:                  # `make bench` runs every script without arguments
         print("research_yield: skipped: give --data NAME=DIR (a prepared data set) and --gpus")
