@@ -195,6 +195,7 @@ def _assignments(body: list[ast.stmt], device: str) -> Iterable[tuple[str, ast.e
                 yield from _assignments(stmt.body if is_gpu == (device == "gpu") else stmt.orelse,
                                         device)
             continue
+        targets: list[ast.expr]
         if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
             targets, value = [stmt.target], stmt.value
         elif isinstance(stmt, ast.Assign):
