@@ -406,8 +406,9 @@ t1 = time.time()
 export_model()
 export_seconds = time.time() - t1
 margin = EXPORT_SAFETY * (time.time() - t0) + EXPORT_SLACK_S
-print(f"fallback saved: holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s, export "
-      f"{export_seconds:.1f}s, margin {margin:.1f}s, left {prepare.time_left():.1f}s", flush=True)
+checked = f"holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s" if holdout else "no holdout"
+print(f"fallback saved: {checked}, export {export_seconds:.1f}s, margin {margin:.1f}s, "
+      f"left {prepare.time_left():.1f}s", flush=True)
 
 # ---- Training ----
 # The schedule runs on the time left: from the end of the first step (which pays for
