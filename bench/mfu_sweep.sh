@@ -7,5 +7,5 @@ run() { name=$1; shift; cp target/train.py /tmp/v_$name.py; for e in "$@"; do se
   echo "$name rc=$? $(grep -E '^(tokens_per_second|mfu_percent|peak_memory_mb):' $OUT/$name.log | tr '\n' ' ')"; }
 run base
 run nodrop 's/^DROPOUT = .*/DROPOUT = 0.0/'
-run batch128 's/^DEVICE_BATCH = .*/DEVICE_BATCH = 128 if GPU else 16/'
-run nodrop_b128 's/^DROPOUT = .*/DROPOUT = 0.0/' 's/^DEVICE_BATCH = .*/DEVICE_BATCH = 128 if GPU else 16/'
+run batch128 's/^DEVICE_BATCH = .*/DEVICE_BATCH = 128/'
+run nodrop_b128 's/^DROPOUT = .*/DROPOUT = 0.0/' 's/^DEVICE_BATCH = .*/DEVICE_BATCH = 128/'

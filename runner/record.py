@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from runner.paths import PREPARE_PY
-from runner.sandbox import Outcome, TrialSpec
+from runner.sandbox import Outcome, TrialSpec, reported_numbers
 
 VERSION = 3                        # 2: `limits` (as resolved where the trial ran); 3: the
                                    # runner's `training_seconds` (train.py's is `reported_...`)
@@ -57,6 +57,7 @@ class Record(TypedDict, total=False):
     reported_memory_gb: float | None  # what train.py says
     training_seconds: float | None   # the runner's clock: the candidate's wall time
     reported_training_seconds: float | None  # what train.py says
+    reported_startup_seconds: float | None   # train.py: its start to its first step's end
     stopped_at_deadline: bool        # frozen and killed when the budget ran out
     phases: dict[str, float]         # wall seconds: propose, build, train, score, ...
     wall_seconds: float
@@ -114,6 +115,7 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
 
     peak = outcome.peak_memory_bytes
     reported = _float(outcome.summary.get("peak_memory_mb"))
+    said = reported_numbers(outcome.summary)
     return {
         "version": VERSION,
         "id": f"{spec.run}-{spec.number}",
@@ -131,7 +133,8 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
         "reported_memory_gb": round(reported / 1024, 3) if reported else None,
         "training_seconds": (round(outcome.training_seconds, 3)
                              if outcome.training_seconds is not None else None),
-        "reported_training_seconds": _float(outcome.summary.get("training_seconds")),
+        "reported_training_seconds": said["training_seconds"],
+        "reported_startup_seconds": said["startup_seconds"],
         "stopped_at_deadline": outcome.stopped_at_deadline,
         "phases": {k: round(v, 3) for k, v in outcome.phases.items()},
         "wall_seconds": round(wall, 3),

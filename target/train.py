@@ -4,17 +4,23 @@ Usage:
     PYTHONPATH=prepare python target/train.py
     AUTORESEARCH_TIME_BUDGET=30 PYTHONPATH=prepare python target/train.py  # quick check
 
-The budget is wall time, counted by the runner from the moment this process starts:
-imports, compilation, holdout checks and the export all count, and at the deadline the
-runner freezes the process and scores the last model.pt2 it saved. So this script plans
-on prepare.time_left(): it saves an early fallback model (which also measures how long an
-export takes), trains until the time left is just enough for the last holdout check and
-the export, and saves the best weights with prepare.save_model (atomic). It prints a
-progress line about every PRINT_EVERY_S seconds and ends with a `---` line followed by
-`key: value` summary lines.
+How it keeps the rules of program.md:
+- The budget is wall time on the runner's clock, from the start of this process: imports,
+  compilation, holdout checks and the export all count. At the deadline the runner freezes
+  the process and scores the last model.pt2 it saved. So the script plans on
+  prepare.time_left(): it saves a fallback model at once (which measures what the last check
+  and export will take), trains until only that margin is left, then saves the best weights.
+  Every save goes through prepare.save_model (write, then rename: never half a model).
+- The seed is prepare.SEED, which the runner sets per run (noise runs and reruns use other
+  seeds): it drives the initialisation and the order of the data.
+- Over-fitting is watched on a held-out tail of the *training* split; the validation split is
+  never here, and only the trusted scorer computes val_bpb.
+- The exported program maps int64 tokens idx [B, T] (any B, T <= prepare.SEQ_LEN) to float32
+  next-token logits [B, T, vocab_size]; it is causal and pure (no state, no randomness, no
+  buffer updates), which the scorer checks.
 
-The exported program takes one int64 tensor idx [B, T] (T <= prepare.SEQ_LEN) and
-returns float32 next-token logits [B, T, vocab_size]. The scorer computes val bpb.
+It prints a progress line about every PRINT_EVERY_S seconds and ends with a `---` line
+followed by `key: value` summary lines.
 """
 
 import contextlib
@@ -30,55 +36,87 @@ import torch.nn.functional as F
 
 import prepare
 
-# ---- Settings ----
-# Sizes depend on the device: about 50M parameters on a GPU, a toy model on CPU so
-# that a few seconds on 2 cores still make progress.
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU = DEVICE == "cuda"
+# ---- Knobs: what an experiment may change (one value each, for the GPU) ----
+# On a machine without a GPU the CPU configuration below replaces some of them.
 
 # Model
-DEPTH = 8 if GPU else 2                  # transformer blocks
-WIDTH = 640 if GPU else 64               # residual stream width (d_model)
-HEAD_DIM = 128 if GPU else 16            # per-head width; n_heads = WIDTH // HEAD_DIM
-MLP_RATIO = 4                            # MLP hidden width = MLP_RATIO * WIDTH
-ROPE_BASE = 10000.0                      # rotary embedding base frequency
-LOGIT_SOFTCAP = 15.0                     # logits = cap * tanh(logits / cap); 0 disables
-DROPOUT = 0.2 if GPU else 0.0            # residual dropout: small data sets are seen many times
+DEPTH = 8                       # transformer blocks
+WIDTH = 640                     # residual stream width (d_model), a multiple of HEAD_DIM
+HEAD_DIM = 128                  # per-head width (even, for RoPE); n_heads = WIDTH // HEAD_DIM
+MLP_RATIO = 4                   # MLP hidden width = MLP_RATIO * WIDTH
+ROPE_BASE = 10000.0             # rotary embedding base frequency
+LOGIT_SOFTCAP = 15.0            # logits = cap * tanh(logits / cap); 0 disables
+DROPOUT = 0.2                   # residual dropout: small data sets are seen many times
 
 # Data and batch
-SEQ_LEN = prepare.SEQ_LEN if GPU else 128   # training context length
-DEVICE_BATCH = 64 if GPU else 16            # sequences per forward/backward pass
-TOTAL_BATCH = 2**18 if GPU else 16 * 128    # tokens per optimizer step (gradient accumulation)
+SEQ_LEN = prepare.SEQ_LEN       # training context length (the scorer evaluates prepare.SEQ_LEN)
+DEVICE_BATCH = 64               # sequences per forward/backward pass
+TOTAL_BATCH = 2**18             # tokens per optimizer step: a multiple of DEVICE_BATCH * SEQ_LEN
 
-# Optimizers: Muon for the 2-D matrices inside blocks, AdamW for everything else
-MATRIX_LR = 0.02 if GPU else 0.05        # Muon learning rate
-MUON_MOMENTUM = 0.95                     # Muon (nesterov) momentum
-NS_STEPS = 5                             # Newton-Schulz iterations per Muon step
-EMBED_LR = 0.3 if GPU else 0.1           # AdamW learning rate of the token embedding
-HEAD_LR = 0.004 if GPU else 0.03         # AdamW learning rate of the lm_head
-ADAM_BETAS = (0.8, 0.95)                 # AdamW betas
-WEIGHT_DECAY = 0.0                       # AdamW weight decay
+# Optimizers: Muon for the 2-D matrices inside blocks, AdamW for everything else (see
+# optimizer_groups: a new parameter lands in a group by what it is, with no change needed)
+MATRIX_LR = 0.02                # Muon learning rate
+MUON_MOMENTUM = 0.95            # Muon (nesterov) momentum
+NS_STEPS = 5                    # Newton-Schulz iterations per Muon step
+EMBED_LR = 0.3                  # AdamW learning rate of embeddings (nn.Embedding tables)
+HEAD_LR = 0.004                 # AdamW learning rate of the lm_head
+SCALAR_LR = 0.04                # AdamW learning rate of anything else: gains, biases, scalars
+ADAM_BETAS = (0.8, 0.95)        # AdamW betas
+WEIGHT_DECAY = 0.0              # AdamW weight decay
 
 # Learning-rate schedule, as fractions of the training window (time, not steps)
-WARMUP_FRAC = 0.02                       # linear warm-up from 0
-WARMDOWN_FRAC = 0.4                      # linear decay over the last part of the budget
-FINAL_LR_FRAC = 0.05                     # lr multiplier at the end of the decay
+WARMUP_FRAC = 0.02              # linear warm-up from 0 (0: none)
+WARMDOWN_FRAC = 0.4             # linear decay over the last part of the window (0: none)
+FINAL_LR_FRAC = 0.05            # lr multiplier at the end of the decay
 
-# Over-fitting watch: the tail of the training split is held out and scored every few
-# seconds; the best weights seen are the ones exported (the real validation split is never
-# available here). Five minutes on an H100 is hundreds of passes over a 5 MB text.
-HOLDOUT_TOKENS = 2**16 if GPU else 2**11 # training tokens held out (not trained on)
-EVAL_EVERY_S = 10.0 if GPU else max(1.0, prepare.TIME_BUDGET / 40)  # seconds between holdout
-                                         # checks (they count against the budget like the rest)
+# Over-fitting watch: the tail of the training split is held out and checked every few
+# seconds, and the best weights seen are the ones exported. Five minutes on an H100 is
+# hundreds of passes over a 5 MB text. The checks count against the budget like the rest.
+HOLDOUT_TOKENS = 2**16          # training tokens held out (0: none; the last weights are exported)
+EVAL_EVERY_S = 10.0             # seconds between holdout checks
 
-# Run. The budget is the runner's wall clock from the start of this process; everything counts.
-TIME_BUDGET = prepare.TIME_BUDGET        # wall seconds (do not change: the runner stops us then)
-EXPORT_SAFETY = 1.5                      # reserve this many times the measured check + export
-EXPORT_SLACK_S = 1.0                     # plus these seconds, for the runner's own jitter
-PRINT_EVERY_S = 5.0 if GPU else 0.5      # seconds between progress lines
-COMPILE = GPU                            # torch.compile is far too slow on 2 CPU cores
-H100_BF16_PEAK = 989.5e12                # dense bf16 FLOP/s, for MFU
+COMPILE = True                  # torch.compile the model and loss
+
+# ---- Set by the harness and the rules: not experiments, do not change ----
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the runner's GPU, if it gave one
+GPU = DEVICE == "cuda"
+TIME_BUDGET = prepare.TIME_BUDGET   # wall seconds, everything counts; the moment: prepare.DEADLINE
+EXPORT_SAFETY = 1.5             # keep this many times the measured last check + export ...
+EXPORT_SLACK_S = 1.0            # ... plus these seconds, for the runner's own jitter
+PEAK_FLOPS = 989.5e12           # dense bf16 FLOP/s of an H100/H200, for MFU
+PRINT_EVERY_S = 5.0             # seconds between progress lines
+
+# ---- CPU configuration (CI and laptops; ignored on a GPU) ----
+# A toy model, so that a few seconds on 2 cores still make progress. Results are judged on
+# the GPU values above; this block only keeps CPU runs working, and need not follow them.
+
+if not GPU:
+    DEPTH = 2
+    WIDTH = 64
+    HEAD_DIM = 16
+    DROPOUT = 0.0
+    SEQ_LEN = 128
+    DEVICE_BATCH = 16
+    TOTAL_BATCH = 16 * 128
+    MATRIX_LR = 0.05
+    EMBED_LR = 0.1
+    HEAD_LR = 0.03
+    HOLDOUT_TOKENS = 2**11
+    EVAL_EVERY_S = max(1.0, TIME_BUDGET / 40)
+    COMPILE = False             # far too slow on 2 CPU cores
+    PRINT_EVERY_S = 0.5
+
+# ---- Checks: settings that cannot work together stop here, with the reason ----
+
+tokens_per_micro = DEVICE_BATCH * SEQ_LEN
+if TOTAL_BATCH < tokens_per_micro or TOTAL_BATCH % tokens_per_micro:
+    raise SystemExit(f"TOTAL_BATCH ({TOTAL_BATCH} tokens) must be a whole multiple of one "
+                     f"micro-batch, DEVICE_BATCH * SEQ_LEN = {DEVICE_BATCH} * {SEQ_LEN} = "
+                     f"{tokens_per_micro}: change TOTAL_BATCH or DEVICE_BATCH")
+if WIDTH % HEAD_DIM or HEAD_DIM % 2:
+    raise SystemExit(f"WIDTH ({WIDTH}) must be a multiple of HEAD_DIM ({HEAD_DIM}), and HEAD_DIM "
+                     f"even (RoPE rotates pairs of coordinates)")
 
 # ---- Model ----
 
@@ -123,8 +161,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c_fc = nn.Linear(WIDTH, MLP_RATIO * WIDTH, bias=False)
-        self.c_proj = nn.Linear(MLP_RATIO * WIDTH, WIDTH, bias=False)
+        hidden = int(MLP_RATIO * WIDTH)          # int(): a ratio such as 8 / 3 works too
+        self.c_fc = nn.Linear(WIDTH, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, WIDTH, bias=False)
 
     def forward(self, x):
         return F.dropout(self.c_proj(F.relu(self.c_fc(x)).square()), DROPOUT, self.training)  # ReLU²
@@ -215,7 +254,10 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params, mom = group["params"], group["momentum"]
+            params = [p for p in group["params"] if p.grad is not None]   # unused ones: skip
+            if not params:
+                continue
+            mom = group["momentum"]
             updates = []
             for p in params:
                 state = self.state[p]
@@ -233,11 +275,35 @@ class Muon(torch.optim.Optimizer):
                 p.add_(u.to(p.dtype), alpha=-lr)
 
 
+def optimizer_groups(model):
+    """Every trainable parameter once, in a group chosen by what it is, so that a new one (a
+    gain, a bias, a scalar, an embedding, another matrix) needs no change here:
+    2-D matrices inside the blocks -> Muon; embedding tables (nn.Embedding, wherever they
+    are) -> AdamW at EMBED_LR; the lm_head -> AdamW at HEAD_LR; the rest -> AdamW at SCALAR_LR.
+    Returns (Muon's parameters, AdamW's param groups). Tied weights count once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    muon, embed, head, other = [], [], [], []
+    for name, p in model.named_parameters():             # a shared tensor is listed once
+        if not p.requires_grad:
+            continue
+        if id(p) in embeddings:
+            embed.append(p)
+        elif name.startswith("lm_head."):
+            head.append(p)
+        elif name.startswith("blocks.") and p.ndim == 2:
+            muon.append(p)
+        else:
+            other.append(p)
+    groups = [{"params": embed, "lr": EMBED_LR}, {"params": head, "lr": HEAD_LR},
+              {"params": other, "lr": SCALAR_LR}]
+    return muon, [g for g in groups if g["params"]]
+
+
 def lr_multiplier(progress):
     # progress = share of the training window gone (see Training), in [0, 1].
     if progress < WARMUP_FRAC:
         return progress / WARMUP_FRAC
-    if progress < 1 - WARMDOWN_FRAC:
+    if progress <= 1 - WARMDOWN_FRAC:
         return 1.0
     decay = (1 - progress) / WARMDOWN_FRAC
     return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * max(decay, 0.0)
@@ -245,9 +311,8 @@ def lr_multiplier(progress):
 
 # ---- Setup ----
 
-torch.manual_seed(prepare.SEED)
+torch.manual_seed(prepare.SEED)          # every device's generator
 if GPU:
-    torch.cuda.manual_seed(prepare.SEED)
     torch.set_float32_matmul_precision("high")
 
 data_dir = prepare.data_dir()
@@ -257,31 +322,27 @@ max_len = max(SEQ_LEN, prepare.SEQ_LEN)
 model = GPT(vocab_size, max_len).to(DEVICE)
 model.init_weights()
 num_params = sum(p.numel() for p in model.parameters())
-# FLOPs per token: 6 per weight (forward + backward) for all matmul weights (the
-# embedding is a lookup), plus attention scores and values: 12 * depth * width * seq.
-flops_per_token = 6 * (num_params - model.wte.weight.numel()) + 12 * DEPTH * WIDTH * SEQ_LEN
+matrices, adam_groups = optimizer_groups(model)
+# FLOPs per token: 6 per weight (forward + backward) for all matmul weights (an embedding
+# is a lookup), plus attention scores and values: 12 * depth * width * seq.
+embedding_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+flops_per_token = 6 * (num_params - embedding_params) + 12 * DEPTH * WIDTH * SEQ_LEN
 
-matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-assert len(matrices) == len(list(model.parameters())) - 2   # everything else: wte, lm_head
-adam_groups = [
-    {"params": [model.wte.weight], "lr": EMBED_LR},
-    {"params": [model.lm_head.weight], "lr": HEAD_LR},
-]
-optimizers = [
-    Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, ns_steps=NS_STEPS),
-    torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=WEIGHT_DECAY,
-                      fused=GPU),
-]
+optimizers = []
+if matrices:
+    optimizers.append(Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, ns_steps=NS_STEPS))
+if adam_groups:
+    optimizers.append(torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10,
+                                        weight_decay=WEIGHT_DECAY, fused=GPU))
 for opt in optimizers:
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
 
-tokens_per_micro = DEVICE_BATCH * SEQ_LEN
-assert TOTAL_BATCH % tokens_per_micro == 0, "TOTAL_BATCH must be a multiple of one micro-batch"
 accum_steps = TOTAL_BATCH // tokens_per_micro
 loader = prepare.make_dataloader(data_dir, DEVICE_BATCH, SEQ_LEN, DEVICE, seed=prepare.SEED,
                                  holdout_tokens=HOLDOUT_TOKENS)
-holdout = prepare.holdout_batches(data_dir, HOLDOUT_TOKENS, min(DEVICE_BATCH, 8), SEQ_LEN, DEVICE)
+holdout = (prepare.holdout_batches(data_dir, HOLDOUT_TOKENS, min(DEVICE_BATCH, 8), SEQ_LEN, DEVICE)
+           if HOLDOUT_TOKENS else [])
 
 
 def loss_fn(x, y):
@@ -328,6 +389,7 @@ def export_model():
     model.train()
 
 
+budget_start = prepare.DEADLINE - TIME_BUDGET     # when the runner's clock started
 print(f"device: {DEVICE}  params: {num_params / 1e6:.2f}M  vocab: {vocab_size}  "
       f"depth: {DEPTH}  width: {WIDTH}  seq: {SEQ_LEN}  accum: {accum_steps}  "
       f"budget: {TIME_BUDGET}s  left: {prepare.time_left():.1f}s", flush=True)
@@ -339,24 +401,25 @@ print(f"device: {DEVICE}  params: {num_params / 1e6:.2f}M  vocab: {vocab_size}  
 with torch.no_grad():                    # torch.export's first call pays for its own imports:
     torch.export.export(nn.Linear(2, 2), (torch.zeros(2, 2),))   # once, here, not measured
 t0 = time.time()
-best_loss, best_state, best_at = holdout_loss(), None, 0.0
+best_loss, best_state, best_at = holdout_loss() if holdout else math.nan, None, 0.0
 t1 = time.time()
 export_model()
 export_seconds = time.time() - t1
 margin = EXPORT_SAFETY * (time.time() - t0) + EXPORT_SLACK_S
-print(f"fallback saved: holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s, export "
-      f"{export_seconds:.1f}s, margin {margin:.1f}s, left {prepare.time_left():.1f}s", flush=True)
+checked = f"holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s" if holdout else "no holdout"
+print(f"fallback saved: {checked}, export {export_seconds:.1f}s, margin {margin:.1f}s, "
+      f"left {prepare.time_left():.1f}s", flush=True)
 
 # ---- Training ----
 # The schedule runs on the time left: from the end of the first step (which pays for
-# compilation at learning rate 0 and fills the optimizer statistics) to the deadline less
-# the margin. A step is not started if it would end inside the margin.
+# compilation and, at learning rate 0 with warm-up, fills the optimizer statistics) to the
+# deadline less the margin. A step is not started if it would end inside the margin.
 
 step = 0
 smooth_loss = 0.0
 last_print = time.time()
 train_start = train_end = next_eval = 0.0
-dt = 0.0
+startup_seconds = dt = 0.0
 x, y = next(loader)
 while True:
     sync()
@@ -381,6 +444,7 @@ while True:
     now = time.time()
     dt = now - t0
     if step == 0:
+        startup_seconds = now - budget_start     # process start to the first step's end
         train_start, train_end = now, max(now, prepare.DEADLINE - margin)
         next_eval = now + EVAL_EVERY_S
     step += 1
@@ -394,10 +458,10 @@ while True:
     if now - last_print >= PRINT_EVERY_S or done:
         last_print = now
         tok_s = TOTAL_BATCH / dt
-        mfu = f"  mfu {100 * tok_s * flops_per_token / H100_BF16_PEAK:4.1f}%" if GPU else ""
+        mfu = f"  mfu {100 * tok_s * flops_per_token / PEAK_FLOPS:4.1f}%" if GPU else ""
         print(f"step {step:5d}  {100 * progress:5.1f}%  loss {shown_loss:.4f}  lr {lr_mult:.3f}  "
               f"tok/s {tok_s:9.0f}{mfu}  left {prepare.time_left():5.1f}s", flush=True)
-    if now >= next_eval or done:
+    if holdout and (now >= next_eval or done):
         next_eval = now + EVAL_EVERY_S
         loss_h = holdout_loss()
         if loss_h < best_loss:
@@ -410,10 +474,13 @@ while True:
 training_seconds = time.time() - train_start
 
 # ---- Export ----
-# The best weights seen, unless the untrained ones (already saved) were never beaten.
+# The best weights seen, unless the untrained ones (already saved) were never beaten; with
+# no holdout, the last weights.
 
 t_export = time.time()
-if best_state is not None:
+if not holdout:
+    export_model()
+elif best_state is not None:
     model.load_state_dict(best_state)
     export_model()
 export_seconds = time.time() - t_export
@@ -429,6 +496,7 @@ summary = {
     "train_loss": f"{shown_loss:.4f}",
     "holdout_loss": f"{best_loss:.4f}",
     "best_at_seconds": f"{best_at:.1f}",
+    "startup_seconds": f"{startup_seconds:.1f}",
     "training_seconds": f"{training_seconds:.1f}",
     "total_seconds": f"{TIME_BUDGET - prepare.time_left():.1f}",
     "left_seconds": f"{prepare.time_left():.1f}",
@@ -441,7 +509,7 @@ summary = {
     "export_seconds": f"{export_seconds:.1f}",
 }
 if GPU:
-    summary["mfu_percent"] = f"{100 * tokens_per_second * flops_per_token / H100_BF16_PEAK:.2f}"
+    summary["mfu_percent"] = f"{100 * tokens_per_second * flops_per_token / PEAK_FLOPS:.2f}"
 print("---")
 for key, value in summary.items():
     print(f"{key}: {value}")

@@ -18,7 +18,7 @@ from runner.agents.search import SearchAgent, find_knobs, parse_description
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PY = (REPO / "target" / "train.py").read_text(encoding="utf-8")
-LR_LINE = "MATRIX_LR = 0.02 if GPU else 0.05        # Muon learning rate\n"
+LR_LINE = "MATRIX_LR = 0.02                # Muon learning rate\n"
 assert LR_LINE in TRAIN_PY
 
 SMALL = '''"""A tiny train.py."""
@@ -371,6 +371,15 @@ def changed(before: str, after: str, device: str = "gpu") -> dict[str, tuple[flo
     return {n: (a[n], b[n]) for n in a if a[n] != b[n]}
 
 
+def cpu_block(source: str) -> set[str]:
+    """Names the CPU configuration block of `source` assigns."""
+    block = source.split("\nif not GPU:\n", 1)[1].split("\n\n", 1)[0]
+    return {line.split("=")[0].strip() for line in block.splitlines() if " = " in line}
+
+
+CPU_BLOCK = cpu_block(TRAIN_PY)
+
+
 def test_search_changes_exactly_one_constant():
     agent = make_agent("search", seed=0)
     for _ in range(40):
@@ -382,14 +391,16 @@ def test_search_changes_exactly_one_constant():
         assert len(diff) == 2                                  # one line out, one line in
         (name, (old, new)), = changed(TRAIN_PY, p.train_py).items()
         assert parse_description(p.description) == (name, old, new)
-        cpu = changed(TRAIN_PY, p.train_py, "cpu")               # the GPU branch only, unless
-        assert cpu == {} or (cpu == {name: (old, new)} and f"{name.split('[')[0]} = " in diff[1]  # unconditional
-                             and " if GPU else " not in diff[1])
+        # A knob the CPU configuration replaces is the GPU's alone; the others run on both.
+        cpu = changed(TRAIN_PY, p.train_py, "cpu")
+        assert cpu == ({} if name in CPU_BLOCK else {name: (old, new)})
+        assert diff[1].startswith(f"+ {name.split('[')[0]} = ")     # the knob block, not the CPU's
 
 
 def test_search_values_stay_sane():
     knobs = {k.name: k for k in find_knobs(TRAIN_PY)}
-    assert "H100_BF16_PEAK" not in knobs and "PRINT_EVERY_S" not in knobs and "COMPILE" not in knobs
+    assert "PEAK_FLOPS" not in knobs and "PRINT_EVERY_S" not in knobs and "COMPILE" not in knobs
+    assert "SCALAR_LR" not in knobs                         # its group is empty in the baseline
     assert "TIME_BUDGET" not in knobs and "EXPORT_SAFETY" not in knobs    # the clock's, not ours
     assert "EXPORT_SLACK_S" not in knobs
     assert "SEQ_LEN" not in knobs                           # prepare.SEQ_LEN: not a number
@@ -471,7 +482,10 @@ def test_search_device_cpu_and_exhaustion():
     for seed in range(30):
         p = SearchAgent(seed=seed, device="cpu")(PROGRAM, TRAIN_PY, History())
         cpu, gpu = changed(TRAIN_PY, p.train_py, "cpu"), changed(TRAIN_PY, p.train_py, "gpu")
-        assert len(cpu) == 1 and gpu in ({}, cpu)        # gpu too only for unconditional constants
+        (name, _), = cpu.items()
+        # A value of the CPU configuration is edited there, the GPU's knob left alone; a knob
+        # the CPU block does not replace runs on both.
+        assert gpu == ({} if name in CPU_BLOCK else cpu)
         cpu_only += not gpu
     assert cpu_only > 5
     agent = SearchAgent(seed=0)
@@ -502,6 +516,23 @@ def test_search_value_forms():
     assert parse_description("search: A 2**18 -> 2**17") == ("A", 2.0**18, 2.0**17)
     assert parse_description("raise the lr") is None
     assert math.isclose(knobs["I"].value, 1e-4)
+
+
+def test_search_reads_the_cpu_configuration_block():
+    src = ("A = 8\nB = 0.02\nC = (0.8, 0.95)\nD = 3\nGPU = False\n\n"
+           "if not GPU:\n    A = 2\n    C = (0.5, 0.9)\n    D = max(1, 2)\n    E = 16\n\n"
+           "if GPU:\n    B = 0.5\nelse:\n    F = 4\n\n"
+           "if DEVICE == 'cpu':\n    B = 9.0\n\ndef f():\n    pass\nG = 5\n")
+    gpu = {k.name: k.value for k in find_knobs(src, "gpu")}
+    cpu = {k.name: k.value for k in find_knobs(src, "cpu")}
+    assert gpu == {"A": 8, "B": 0.5, "C[0]": 0.8, "C[1]": 0.95, "D": 3}
+    # On the CPU the later assignments replace the knobs (D is no number there: no knob).
+    assert cpu == {"A": 2, "B": 0.02, "C[0]": 0.5, "C[1]": 0.9, "E": 16, "F": 4}
+    a = {k.name: k for k in find_knobs(src, "cpu")}["A"]
+    assert src[a.start - 9:a.end] == "\n    A = 2"                # the CPU block's line is edited
+    p = SearchAgent(seed=1, device="cpu")(PROGRAM, src, History())
+    assert p.train_py is not None
+    assert {k.name: k.value for k in find_knobs(p.train_py, "gpu")} == gpu   # GPU values untouched
 
 
 def test_search_retries_old_discards_only_when_nothing_new_is_left():

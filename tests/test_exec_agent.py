@@ -19,7 +19,7 @@ from runner.agents.memory import build
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_PY = (REPO / "target" / "train.py").read_text(encoding="utf-8")
-LR_LINE = "MATRIX_LR = 0.02 if GPU else 0.05        # Muon learning rate\n"
+LR_LINE = "MATRIX_LR = 0.02                # Muon learning rate\n"
 PROGRAM = "# Brief (test)\nBRIEF-MARKER-5521\n"
 
 # The scripted agent: it records what it sees, then does what argv[2] says.
@@ -35,9 +35,9 @@ AGENT = textwrap.dedent('''
             "tsv": open("experiments.tsv").read(), "argv": sys.argv}
     json.dump(seen, open(seen_path, "w"))
     text = open("train.py").read()
-    LR = "MATRIX_LR = 0.02 if GPU else 0.05"
+    LR = "MATRIX_LR = 0.02"
     if action in ("edit", "edit-stdout", "usage"):
-        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.03 if GPU else 0.05"))
+        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.03"))
         if action == "edit":
             open("DESCRIPTION", "w").write("\\n  matrix lr 0.03 \\x1b[31m(from the file)\\n")
         print("I edited train.py.")
@@ -46,7 +46,7 @@ AGENT = textwrap.dedent('''
             json.dump({"prompt_tokens": 1200, "completion_tokens": 300, "cost_usd": 0.0123,
                        "note": "ignored"}, open("USAGE.json", "w"))
     elif action == "crash":
-        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.04 if GPU else 0.05"))
+        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.04"))
         print("traceback: something broke in the agent", file=sys.stderr)
         sys.exit(3)
     elif action == "nothing":
@@ -65,7 +65,7 @@ AGENT = textwrap.dedent('''
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         open(seen_path + ".pids", "w").write(f"{os.getpid()} {child.pid}")
-        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.05 if GPU else 0.05"))
+        open("train.py", "w").write(text.replace(LR, "MATRIX_LR = 0.05"))
         time.sleep(600)
 ''')
 

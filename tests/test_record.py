@@ -77,9 +77,10 @@ def test_the_record_takes_training_seconds_from_the_runner(tmp_path: Path):
     (tmp_path / "train.py").write_text("")
     spec = TrialSpec(train_py=tmp_path / "train.py", data_dir=tmp_path, budget=60)
     outcome = Outcome(status="ok", training_seconds=60.21, stopped_at_deadline=True,
-                      summary={"training_seconds": "12.0"})
+                      summary={"training_seconds": "12.0", "startup_seconds": "4.5"})
     rec = record.from_outcome(spec, outcome, "docker", 0.0, 70.0)
     assert rec["training_seconds"] == 60.21 and rec["reported_training_seconds"] == 12.0
+    assert rec["reported_startup_seconds"] == 4.5               # train.py's start-up, as it says
     assert rec["stopped_at_deadline"] is True
 
 

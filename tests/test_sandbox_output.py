@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from runner.sandbox import InfrastructureError, Outcome, apply_score, escape_log, parse_score, parse_summary
+from runner.sandbox import (InfrastructureError, Outcome, apply_score, escape_log, parse_score,
+                            parse_summary, reported_numbers)
 
 OK = {"status": "ok", "reason": "", "val_bpb": 1.25, "uniform_bpb": 3.0, "tokens": 4096,
       "bytes": 9000, "seconds": 1.5, "load_seconds": 0.2, "device": "cpu",
@@ -94,3 +95,11 @@ def test_summary_values_are_escaped_and_keys_ascii():
            "ключ: 1\nnum_steps: 5\n")
     assert parse_summary(log) == {"val_bpb": "0.001\\x1b[2J", "note": "a\\u202eb\\u2028c",
                                   "num_steps": "5"}
+
+
+def test_reported_numbers_are_type_checked():
+    summary = parse_summary("x\n---\ntraining_seconds: 12.5\nstartup_seconds: nan\nnum_steps: 5\n")
+    assert reported_numbers(summary) == {"training_seconds": 12.5, "startup_seconds": None}
+    for bad in ("inf", "1e999", "12 s", "", "\\x1b[2J"):
+        assert reported_numbers({"startup_seconds": bad})["startup_seconds"] is None
+    assert reported_numbers(parse_summary("---\nstartup_seconds: 3.25\n"))["startup_seconds"] == 3.25

@@ -43,7 +43,8 @@ OPEN_MARK, CLOSE_MARK = "<untrusted-log>", "</untrusted-log>"
 _MARKER = re.compile(r"<\s*/?\s*untrusted[\s_-]*log\b[^>]*>", re.IGNORECASE)
 
 # Numbers worth showing from train.py's summary, in this order, with their label.
-SUMMARY_KEYS = (("num_steps", "steps"), ("training_seconds", "training seconds"),
+SUMMARY_KEYS = (("num_steps", "steps"), ("startup_seconds", "start-up seconds (to the first step)"),
+                ("training_seconds", "training seconds"),
                 ("total_tokens_M", "tokens (M)"), ("tokens_per_second", "tokens/s"),
                 ("mfu_percent", "MFU %"), ("peak_memory_mb", "peak memory MB (train.py)"),
                 ("num_params_M", "parameters (M)"), ("depth", "depth"),

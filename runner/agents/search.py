@@ -3,17 +3,22 @@
 What it edits
     The module-level assignments to UPPER_CASE names before the first ``def``/``class`` whose
     value is a number: ``X = 0.02``, ``X = 2**18``, ``X = 16 * 128`` (constant arithmetic),
-    ``X = (0.8, 0.95)`` (each element is its own knob, named ``X[0]``, ``X[1]``) and the
-    device-dependent form ``X = 64 if GPU else 16``. For the last one only the branch of the
-    device the runs train on is changed (``device="gpu"``, the default: the body; ``"cpu"``: the
-    ``else`` part; ``not GPU`` tests are understood), the other branch is left as it is: a run
-    that trains on the CPU must pass ``device="cpu"``, or it would tune values that never run.
-    Conditions other than ``GPU`` / ``not GPU`` are skipped. Only the
-    source text of that one value expression is rewritten; the rest of the file is untouched.
+    ``X = (0.8, 0.95)`` (each element is its own knob, named ``X[0]``, ``X[1]``). The value a
+    run on the chosen device actually uses is the one edited (``device="gpu"``, the default, or
+    ``"cpu"``: a run that trains on the CPU must pass it, or it would tune values that never
+    run). train.py's layout: the knobs hold the GPU values, and a module-level
+    ``if not GPU:`` block (the CPU configuration) assigns some of them again; on the CPU such a
+    later assignment replaces the knob (its line is the one edited), on the GPU the block is
+    ignored. ``if GPU:`` blocks (their body on the GPU, their ``else`` on the CPU) and the older
+    one-line form ``X = 64 if GPU else 16`` (``not GPU`` understood) work the same way;
+    conditions other than ``GPU`` / ``not GPU`` are skipped. Only the source text of that one
+    value expression is rewritten; the rest of the file is untouched.
     Skipped: booleans, non-numeric values (``prepare.SEQ_LEN``, ``GPU``), zero and negative
     numbers (except that a zero dropout/decay may be switched on at 0.05 or 0.1), and names
-    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget, and the margin
-    kept for the export: a thinner one is a bet against the runner's clock, not a finding).
+    matching `DEFAULT_EXCLUDE` (printing, FLOP peaks, seeds, the time budget, the margin kept
+    for the export: a thinner one is a bet against the runner's clock, not a finding; and
+    ``SCALAR_LR``, whose group, gains and biases, is empty in the baseline: moving it would
+    change nothing).
 
 How a value moves (``up`` = larger, ``down`` = smaller; a small step first, a big one second)
     - ``2**k``: the exponent moves by 1 (big: 2); powers of two stay powers of two.
@@ -66,7 +71,7 @@ from typing import Iterable, cast
 from runner.agents import History, Proposal
 from runner.record import BROKE
 
-DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|EXPORT_|VERBOSE|LOG_EVERY"
+DEFAULT_EXCLUDE = r"PRINT|PEAK|SEED|TIME_BUDGET|EXPORT_|VERBOSE|LOG_EVERY|^SCALAR_LR$"
 # A move that broke training bounds its direction; an `invalid` one (a rejected proposal, a
 # model the scorer refused) says nothing about the value.
 FAILED = BROKE
@@ -159,20 +164,51 @@ def _kind(name: str, node: ast.AST, value: float | int) -> str | None:
     return "frac" if value < 1 else "float"
 
 
+def _gpu_test(test: ast.expr) -> bool | None:
+    """True for ``GPU``, False for ``not GPU``, None for any other condition."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        inner = _gpu_test(test.operand)
+        return None if inner is None else not inner
+    return True if isinstance(test, ast.Name) and test.id == "GPU" else None
+
+
 def _device_branch(node: ast.AST, device: str) -> ast.AST | None:
     if not isinstance(node, ast.IfExp):
         return node
-    test, negated = node.test, False
-    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-        test, negated = test.operand, True
-    if not (isinstance(test, ast.Name) and test.id == "GPU"):
+    is_gpu = _gpu_test(node.test)
+    if is_gpu is None:
         return None                                   # some other condition: leave it alone
-    gpu_branch, cpu_branch = (node.orelse, node.body) if negated else (node.body, node.orelse)
+    gpu_branch, cpu_branch = (node.body, node.orelse) if is_gpu else (node.orelse, node.body)
     return gpu_branch if device == "gpu" else cpu_branch
 
 
+def _assignments(body: list[ast.stmt], device: str) -> Iterable[tuple[str, ast.expr]]:
+    """(name, value) of the module-level assignments that run on `device`, in file order:
+    the statements before the first def/class, and inside them the branch of an ``if GPU:`` /
+    ``if not GPU:`` block that runs there."""
+    for stmt in body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return
+        if isinstance(stmt, ast.If):
+            is_gpu = _gpu_test(stmt.test)
+            if is_gpu is not None:
+                yield from _assignments(stmt.body if is_gpu == (device == "gpu") else stmt.orelse,
+                                        device)
+            continue
+        targets: list[ast.expr]
+        if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets, value = [stmt.target], stmt.value
+        elif isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        else:
+            continue
+        if len(targets) == 1 and isinstance(targets[0], ast.Name) and _NAME.match(targets[0].id):
+            yield targets[0].id, value
+
+
 def find_knobs(source: str, device: str = "gpu", exclude: str | None = DEFAULT_EXCLUDE) -> list[Knob]:
-    """The perturbable constants of `source`, in file order."""
+    """The perturbable constants of `source` as they run on `device`, in the order they were
+    first assigned (a later assignment, such as the CPU configuration's, replaces a knob)."""
     tree = ast.parse(source)
     data = source.encode("utf-8")
     line_starts = [0]
@@ -185,20 +221,9 @@ def find_knobs(source: str, device: str = "gpu", exclude: str | None = DEFAULT_E
         return (line_starts[node.lineno - 1] + node.col_offset, line_starts[end_line - 1] + end_col)
 
     skip = re.compile(exclude) if exclude else None
-    knobs: list[Knob] = []
-    for stmt in tree.body:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            break
-        targets: list[ast.expr]
-        if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            targets, value = [stmt.target], stmt.value
-        elif isinstance(stmt, ast.Assign):
-            targets, value = stmt.targets, stmt.value
-        else:
-            continue
-        if len(targets) != 1 or not isinstance(targets[0], ast.Name) or not _NAME.match(targets[0].id):
-            continue
-        name = targets[0].id
+    by_name: dict[str, list[Knob]] = {}                 # insertion order: first assignment
+    for name, value in _assignments(tree.body, device):
+        by_name[name] = []                              # a reassignment replaces what was there
         if skip is not None and skip.search(name):
             continue
         expr = _device_branch(value, device)
@@ -214,8 +239,8 @@ def find_knobs(source: str, device: str = "gpu", exclude: str | None = DEFAULT_E
             if kind is None:
                 continue
             start, end = span(e)
-            knobs.append(Knob(knob_name, v, kind, start, end, data[start:end].decode("utf-8")))
-    return knobs
+            by_name[name].append(Knob(knob_name, v, kind, start, end, data[start:end].decode("utf-8")))
+    return [k for knobs in by_name.values() for k in knobs]
 
 
 # ---- moving a value ----

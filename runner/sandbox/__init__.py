@@ -22,7 +22,7 @@ from runner.sandbox.base import (TRAINING_FILES, Backend, InfrastructureError, L
                                  TrialSpec, training_view)
 from runner.sandbox.limits import LimitRequest, Limits, Machine, default_limits, resolve
 from runner.sandbox.output import (apply_score, classify_exit, escape_log, escape_text,
-                                   parse_score, parse_summary)
+                                   parse_score, parse_summary, reported_numbers)
 
 BACKENDS = ("docker", "process")
 
@@ -41,4 +41,4 @@ def get_backend(name: str) -> Backend:
 __all__ = ["BACKENDS", "TRAINING_FILES", "Backend", "InfrastructureError", "LimitRequest",
            "Limits", "Log", "Machine", "Outcome", "TrialSpec", "apply_score", "classify_exit",
            "default_limits", "escape_log", "escape_text", "get_backend", "parse_score",
-           "parse_summary", "resolve", "training_view"]
+           "parse_summary", "reported_numbers", "resolve", "training_view"]

@@ -5,7 +5,10 @@
   exit code and output to `apply_score`, so there is one reading of it.
 - The **candidate's output**: its `key: value` summary (`parse_summary`) and its log tail
   (`escape_log`), escaped before they reach a terminal, a report or the LLM's prompt: no
-  terminal controls, no bidi overrides, no invisible characters, no fake line breaks.
+  terminal controls, no bidi overrides, no invisible characters, no fake line breaks. The
+  summary's known numbers (`REPORTED_NUMBERS`) are read once more, type-checked
+  (`reported_numbers`), for the record's `reported_*` fields: what the candidate says,
+  never the measure.
 """
 
 from __future__ import annotations
@@ -67,6 +70,25 @@ def parse_summary(log: str) -> dict[str, str]:
         m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.]{0,63}):\s*(.{0,200})", line.strip(), re.ASCII)
         if m:
             out[m.group(1)] = escape_line(m.group(2))
+    return out
+
+
+# train.py's summary fields that the record keeps as numbers, as `reported_<name>`: seconds it
+# says it trained (the record's `training_seconds` is the runner's clock) and seconds from its
+# start to the end of its first optimizer step (imports, set-up, compilation).
+REPORTED_NUMBERS = ("training_seconds", "startup_seconds")
+
+
+def reported_numbers(summary: dict[str, str]) -> dict[str, float | None]:
+    """The `REPORTED_NUMBERS` of a parsed summary, each a finite float or None (missing, not
+    a number, NaN or infinite)."""
+    out: dict[str, float | None] = {}
+    for name in REPORTED_NUMBERS:
+        try:
+            value = float(summary.get(name, ""))
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        out[name] = value if math.isfinite(value) else None
     return out
 
 
