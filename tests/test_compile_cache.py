@@ -333,6 +333,60 @@ def test_process_trial_with_an_oversized_cache_leaves_none(tmp_path, small_data)
     assert not (tmp_path / "t2").exists()                       # ...but nothing comes out
 
 
+def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
+    """The loop on the process backend: a baseline (kept: its cache becomes the run's), a
+    planter (worse: discarded; the next candidate's cache is exactly the run's), a better one
+    (kept: its filtered cache becomes the run's) and one more that sees it."""
+    import git
+
+    from runner.agents import Proposal
+    from runner.loop import LoopConfig, Overnight
+    from runner.trial import LocalTrials
+
+    repo = git.Repo(project)
+    (project / "target" / "train.py").write_text(render(CANDIDATE, "base", scale=3.0))
+    repo.index.add(["target/train.py"])
+    repo.index.commit("a baseline that writes its cache")
+    script = [("planter", render(CANDIDATE, "planter", scale=6.0, plant=True)),
+              ("better", render(CANDIDATE, "better", scale=0.0)),
+              ("observer", render(CANDIDATE, "observer", scale=0.0))]
+
+    def propose(program, train_py, history):
+        if not script:
+            return Proposal(train_py=None, description="none", error="no more in the script")
+        description, text = script.pop(0)
+        return Proposal(train_py=text, description=description)
+
+    cfg = LoopConfig(tag="cacheloop", budget=EXPORT_BUDGET, data_dir=small_data,
+                     runs_dir=project / "runs", repo_root=project, limits=LIMITS,
+                     eval_tokens=EVAL_TOKENS, keep_rule="threshold", noise_runs=1,
+                     same_seed_runs=0, max_experiments=4, executor=LocalTrials("process"))
+    loop = Overnight(cfg, log=lambda _: None)
+    loop.agent = propose
+    ledger = loop.run()
+    by = {r["description"]: r for r in ledger.records}
+    assert [r["status"] for r in ledger.records] == ["keep", "discard", "keep", "discard"], \
+        [(r["description"], r["status"], r["reason"]) for r in ledger.records]
+    run_dir = project / "runs" / "cacheloop"
+    base_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "inductor/fxgraph/base": "dir",
+                  "inductor/fxgraph/base/entry": hashlib.sha256(b"graph of base\n").hexdigest()}
+    assert seen(by["baseline"]) == {} and by["baseline"]["compile_cache"]["start"] == "cold"
+    assert seen(by["planter"]) == base_cache                  # the baseline's, promoted
+    assert by["planter"]["compile_cache"]["out"] == "taken"   # scored, then discarded
+    assert seen(by["better"]) == base_cache                   # the planter changed nothing
+    better_cache = {**base_cache, "inductor/fxgraph/better": "dir",
+                    "inductor/fxgraph/better/entry":
+                        hashlib.sha256(b"graph of better\n").hexdigest()}
+    assert seen(by["observer"]) == better_cache               # the kept one's
+    assert by["observer"]["compile_cache"]["start"] == "warm"
+    observer_cache = {**better_cache, "inductor/fxgraph/observer": "dir",
+                      "inductor/fxgraph/observer/entry":
+                          hashlib.sha256(b"graph of observer\n").hexdigest()}
+    assert tree(run_dir / "compile-cache") == better_cache    # the observer was discarded
+    assert observer_cache != better_cache
+    assert not (run_dir / "trial-caches").exists() or not any((run_dir / "trial-caches").iterdir())
+
+
 # ---- the docker backend -------------------------------------------------------------------------
 
 needs_docker = pytest.mark.skipif(docker_engine_missing() is not None,
