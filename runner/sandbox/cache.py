@@ -407,7 +407,8 @@ def hand_out(run_cache: Path | None, fill: Callable[[Path, int, int], Tally], ma
              max_files: int) -> dict[str, Any]:
     """Fill a trial's private cache from the run's with `fill(run_cache, max_bytes, max_files)`
     (under the shared lock, within `seed_bounds`). Returns the record's ``compile_cache``
-    fields so far: ``start`` (``warm`` when something was handed out, else ``cold``),
+    fields so far: ``start`` (``warm`` when something was handed out, else ``cold``; the
+    docker backend says ``partial`` when copying it into the container failed half-way),
     ``in_bytes`` and ``in_files``, and a ``note`` when the run's cache was not handed out."""
     cold: dict[str, Any] = {"start": "cold", "in_bytes": 0, "in_files": 0}
     if run_cache is None or not run_cache.is_dir():
