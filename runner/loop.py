@@ -23,6 +23,11 @@ was proposed on an older best replaces the whole train.py (its file is committed
 branch). Every record says which rule decided it (`decision`), and with the sequential rule
 carries its runs and the test's figures (`runs`, `mean_bpb`, `test`).
 
+**Compile cache.** Every trial starts on a private copy of the run's torch.compile cache
+(`runs/<tag>/compile-cache`) and a scored one leaves its own in `runs/<tag>/trial-caches/`;
+after the verdict, a keep's (the baseline's too) becomes the run's (`runner.sandbox.cache.promote`)
+and the others are deleted. Only the kept line writes the cache the next candidates start on.
+
 **Nothing is lost.** A candidate is committed (off the branch, under
 `refs/autoresearch/<tag>/candidates/<n>`) before it trains; its record is appended and synced
 after; the refs and the branch move last (`RunRepo.settle`). On start, `reconcile` redoes the
@@ -48,7 +53,7 @@ from runner.ledger import Ledger
 from runner.paths import DEFAULT_BUDGET, PROGRAM_MD, REPO_ROOT, RUNS_DIR
 from runner.record import KEEP, Record
 from runner.repo import RunRepo, check_tag, open_run
-from runner.sandbox import InfrastructureError, LimitRequest, Limits, TrialSpec
+from runner.sandbox import InfrastructureError, LimitRequest, Limits, TrialSpec, cache
 from runner.trial import Executor, LocalTrials
 
 MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken, stop
@@ -86,6 +91,7 @@ class LoopConfig:
     agent_options: dict[str, Any] = field(default_factory=dict)
     executor: Executor = field(default_factory=LocalTrials)   # where trials run
     track: tuple[str, ...] = ()           # trackers that get a copy of every record (tracking.py)
+    compile_cache: bool = True            # trials start on the kept line's torch.compile cache
 
     def __post_init__(self) -> None:
         # CPU slots of a local run share this machine: split it between them.
@@ -231,6 +237,8 @@ class Overnight:
         self.executor = cfg.executor
         self.run_dir = cfg.runs_dir / cfg.tag
         self.work = self.run_dir / "candidates"
+        self.compile_cache = self.run_dir / "compile-cache"     # the kept line's (promote)
+        self.trial_caches = self.run_dir / "trial-caches"       # scored trials' until decided
         self.ledger = Ledger.open(self.run_dir)
         self.repo = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
         self.state = LoopState(tag=cfg.tag, recent=self.ledger.records[-5:],
@@ -272,6 +280,7 @@ class Overnight:
         """A fresh run measures the baseline (and the noise) inside the slot loop: the jobs go
         first in the queue, the agent proposes from the same commit meanwhile, and free slots
         train candidates at once. Their decisions wait until the measurement is recorded."""
+        cache.sweep(self.compile_cache, self.trial_caches)     # what a crash left undecided
         if self.ledger.best() is None:
             if self.ledger.records:
                 raise InfrastructureError(
@@ -361,12 +370,31 @@ class Overnight:
                          eval_tokens=cfg.eval_tokens,
                          labels={"autoresearch.commit": c.commit or "",
                                  "autoresearch.parent": c.parent or ""})
+        if cfg.compile_cache:
+            spec = dataclasses.replace(spec, cache_from=self.compile_cache,
+                                       cache_to=self.trial_cache(c.number, seed))
         try:
             return self.executor.run(spec, log=self.log, description=c.description,
                                      commit=c.commit, parent=c.parent, llm=c.llm)
         finally:
             path.unlink(missing_ok=True)
             path.parent.rmdir()
+
+    def trial_cache(self, number: int, seed: int) -> Path:
+        return self.trial_caches / f"{number}-{seed}"
+
+    def settle_caches(self, number: int, seeds: list[int], kept: bool) -> None:
+        """After the verdict on experiment `number` (its runs' `seeds`): a keep makes the
+        first cache it left the run's (`cache.promote`); every other is deleted."""
+        for seed in seeds:
+            folder = self.trial_cache(number, seed)
+            try:
+                if kept and cache.promote(folder, self.compile_cache):
+                    kept = False
+                    self.log(f"#{number}: its compile cache is the run's now")
+            except OSError as e:                        # a cache is worth no lost night
+                self.log(f"#{number}: its compile cache was not kept ({e})")
+            cache.discard(folder)
 
     def settle(self, c: Candidate, gpu: str | None, held: bool) -> None:
         """A candidate's trial ended (`c.runs` holds it): rerun it with the next seed (on the
@@ -455,6 +483,7 @@ class Overnight:
             self.append(rec)                            # the truth first, then refs and branch
             self.repo.settle(c.number, c.commit, kept_at)
             self.show_best()
+        self.settle_caches(c.number, [int(r["seed"]) for r in c.runs], kept_at is not None)
         self.log(f"#{c.number} {status}: {verdict.text}")
         if kept_at and self.cfg.remeasure_noise:
             self.queue_remeasure()
@@ -512,6 +541,7 @@ class Overnight:
                                  **extra)
         with self.lock:
             self.append(rec)
+        self.settle_caches(job.number, [job.seed], rec["status"] == KEEP)
 
     def record_failed_proposal(self, c: Candidate) -> None:
         with self.lock:

@@ -24,8 +24,9 @@ from typing import Any, TypedDict
 from runner.paths import PREPARE_PY
 from runner.sandbox import Outcome, TrialSpec, reported_numbers
 
-VERSION = 3                        # 2: `limits` (as resolved where the trial ran); 3: the
-                                   # runner's `training_seconds` (train.py's is `reported_...`)
+VERSION = 4                        # 2: `limits` (as resolved where the trial ran); 3: the
+                                   # runner's `training_seconds` (train.py's is `reported_...`);
+                                   # 4: `compile_cache` (older records: not known)
 
 OK = "ok"
 KEEP, DISCARD = "keep", "discard"
@@ -67,6 +68,7 @@ class Record(TypedDict, total=False):
     seed: int
     limits: dict[str, Any]           # as resolved on the machine that ran it
     gpu: dict[str, Any]              # NVML summary of the train phase
+    compile_cache: dict[str, Any] | None   # start cold/warm, bytes in and out (None: no cache)
     llm: dict[str, Any]              # model, tokens, cost, propose_seconds
     train_sha256: str
     prepare_sha256: str
@@ -144,6 +146,7 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
         "seed": spec.seed,
         "limits": asdict(spec.limits) if is_dataclass(spec.limits) else {},
         "gpu": gpu if gpu is not None else outcome.gpu,
+        "compile_cache": outcome.compile_cache or None,
         "llm": llm or dict(NO_LLM),
         "train_sha256": _sha256(spec.train_py),
         "prepare_sha256": _sha256(PREPARE_PY),

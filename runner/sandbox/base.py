@@ -30,6 +30,10 @@ class TrialSpec:
     limits: Limits | LimitRequest = field(default_factory=Limits)
     labels: dict[str, str] = field(default_factory=dict)   # extra image labels (git commit...)
     artifact_dir: Path | None = None             # where model.pt2 is copied out, if anywhere
+    # The compile cache (runner.sandbox.cache): the trial starts on a private copy of
+    # `cache_from` (the run's) and, when scored, leaves its own in `cache_to`.
+    cache_from: Path | None = None
+    cache_to: Path | None = None
     eval_tokens: int | None = None               # AUTORESEARCH_EVAL_TOKENS for the scorer (tests)
     base_image: str | None = None                # docker: the base tag (default: the current one)
     image: str | None = None                     # docker: rerun this experiment image, no build
@@ -65,6 +69,7 @@ class Outcome:
     image_id: str | None = None
     peak_memory_bytes: int | None = None
     gpu: dict[str, Any] = field(default_factory=dict)   # NVML summary of the train phase
+    compile_cache: dict[str, Any] = field(default_factory=dict)   # cold or warm, bytes
     backend: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The docker backend: the real isolation (the default).
 
-One trial is three containers and one volume, all labelled ``autoresearch.run=<run>`` and
+One trial is three containers and one volume (two with a compile cache), all labelled ``autoresearch.run=<run>`` and
 removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
 
 - the **output volume**: a tmpfs of ``limits.out_bytes`` and ``limits.out_files``, owned by the
@@ -17,8 +17,13 @@ removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
   and passed in as ``AUTORESEARCH_DEADLINE``; at the deadline the container is frozen (``docker
   pause``), so whatever ``model.pt2`` it had saved is final, and then killed. A candidate that
   saved none is a ``timeout``.
+- the **cache volume** (when the spec has a compile cache): a second tmpfs of
+  ``limits.cache_bytes`` and ``limits.cache_files``, mounted at ``/cache`` in the holder and the
+  training container only, filled by the runner through the holder (``put_archive``) with a copy
+  of the run's cache before the clock starts, and read back through the holder as a tar stream
+  (``get_archive``, filtered and bounded by ``runner.sandbox.cache``) only from a scored trial.
 - the **scoring container**: the *base* image (no candidate code), the same restrictions, the
-  whole data set and the output volume read-only; it runs ``prepare.py score`` and prints one
+  whole data set and the output volume read-only (never the cache); it runs ``prepare.py score`` and prints one
   JSON line, which is the score. Nothing the candidate printed is ever read as a score.
 """
 
@@ -30,6 +35,7 @@ import os
 import re
 import socket
 import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -45,12 +51,13 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
-from runner.sandbox import images
+from runner.sandbox import cache, images
 from runner.sandbox.base import (Backend, InfrastructureError, Log, Outcome, TrialSpec,
                                  deadline_env, training_view)
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 UID = "10001:10001"
+CACHE = "/cache"                            # the trial's private compile cache (a tmpfs volume)
 LABEL_RUN = "autoresearch.run"
 LABEL_OWNER = "autoresearch.owner"          # host:pid of the runner that made it
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
@@ -218,6 +225,53 @@ def copy_out(container, path: str, dest: Path, max_bytes: int) -> bool:
     return True
 
 
+def tmpfs_volume(cli, name: str, spec: TrialSpec, size: int, inodes: int):
+    """A tmpfs volume owned by the candidate's uid: bounded in bytes and files, nosuid, nodev
+    (not noexec: a compile cache holds shared objects that are loaded from it)."""
+    return cli.volumes.create(
+        name=name, driver="local",
+        driver_opts={"type": "tmpfs", "device": "tmpfs",
+                     "o": f"size={size},nr_inodes={inodes},uid=10001,gid=10001,mode=0700,"
+                          "nosuid,nodev"},
+        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER})
+
+
+def cache_in(holder, spec: TrialSpec) -> dict[str, Any]:
+    """Fill the trial's cache volume (mounted in the holder) with a copy of the run's cache,
+    as a tar owned by the candidate's uid; returns the record's start fields."""
+    lim = spec.fixed_limits
+    uid, gid = (int(x) for x in UID.split(":"))
+    with tempfile.TemporaryFile(prefix="autoresearch-cache-") as tar:
+        note = cache.hand_out(spec.cache_from,
+                              lambda src, b, f: cache.to_tar(src, tar, uid, gid, b, f),
+                              lim.cache_bytes, lim.cache_files)
+        if note["start"] == "warm":
+            tar.seek(0)
+            try:
+                if not holder.put_archive(CACHE, tar):
+                    raise docker.errors.APIError("put_archive refused")
+            except docker.errors.APIError as e:       # a cache is worth no failed trial
+                note.update(start="partial", note=f"the copy failed: {str(e)[:200]}")
+    return note
+
+
+def cache_out(holder, spec: TrialSpec) -> dict[str, Any]:
+    """Read the scored trial's cache out of its volume (through the holder, as a tar stream:
+    nothing in it is followed or executed) into `spec.cache_to`, filtered and bounded."""
+    lim = spec.fixed_limits
+    try:
+        stream, _ = holder.get_archive(CACHE)
+    except docker.errors.NotFound:
+        return {"out": "dropped: no cache folder"}
+    try:
+        return cache.take_back(lambda dest, b, f: cache.extract(stream, dest, b, f),
+                               Path(str(spec.cache_to)), lim.cache_bytes, lim.cache_files)
+    finally:
+        close = getattr(stream, "close", None)      # a stream dropped half-read
+        if close is not None:
+            close()
+
+
 def peak_memory(container, stop: threading.Event, result: dict) -> None:
     """Sample the container's memory use until `stop` (cgroup v1 reports max_usage itself)."""
     try:
@@ -331,7 +385,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
     outcome = Outcome(status="crash", backend="docker", image_tag=tag, phases=phases)
     suffix = f"{sanitize(spec.run, 20)}-{spec.number}-{uuid.uuid4().hex[:8]}"
     containers: list = []
-    volume = None
+    volumes: list = []
+    with_cache = spec.cache_from is not None or spec.cache_to is not None
     common = hardening(spec)
     env = {"AUTORESEARCH_SEED": str(spec.seed),
            "AUTORESEARCH_DATA_DIR": "/data", "AUTORESEARCH_OUT": "/out", "HOME": "/tmp",
@@ -349,19 +404,27 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
             outcome.image_id, _ = images.build_experiment(spec.train_py, base, tag, labels)
         phases["build"] = time.perf_counter() - t0
 
-        # ---- output volume, kept mounted by a holder ----
+        # ---- output volume (and compile cache), kept mounted by a holder ----
         t1 = time.perf_counter()
-        volume = cli.volumes.create(
-            name=f"ar-out-{suffix}", driver="local",
-            driver_opts={"type": "tmpfs", "device": "tmpfs",
-                         "o": f"size={lim.out_bytes},nr_inodes={lim.out_files},uid=10001,"
-                              f"gid=10001,mode=0700"},
-            labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER})
+        volume = tmpfs_volume(cli, f"ar-out-{suffix}", spec, lim.out_bytes, lim.out_files)
+        volumes.append(volume)
+        held = {volume.name: {"bind": "/out", "mode": "ro"}}
+        if with_cache:
+            cache_volume = tmpfs_volume(cli, f"ar-cache-{suffix}", spec, lim.cache_bytes,
+                                        lim.cache_files + 1)   # + the folder itself
+            volumes.append(cache_volume)
+            held[cache_volume.name] = {"bind": CACHE, "mode": "rw"}
         holder = cli.containers.run(
             base, ["sleep", "infinity"], name=f"ar-hold-{suffix}", detach=True,
-            volumes={volume.name: {"bind": "/out", "mode": "ro"}}, mem_limit="64m",
-            pids_limit=8, **common)
+            volumes=held, mem_limit="64m", pids_limit=8, **common)
         containers.append(holder)
+        train_volumes = {volume.name: {"bind": "/out", "mode": "rw"}}
+        if with_cache:                                # a private copy of the run's cache
+            t = time.perf_counter()
+            outcome.compile_cache = cache_in(holder, spec)
+            train_volumes[cache_volume.name] = {"bind": CACHE, "mode": "rw"}
+            env.update(cache.env(CACHE))
+            phases["cache_in"] = time.perf_counter() - t
 
         # ---- train (untrusted) ----
         mounts = [ro(PREPARE_PY, "/app/prepare.py")] + [ro(p, f"/data/{p.name}") for p in training]
@@ -369,8 +432,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         env.update(told)
         train = cli.containers.create(
             tag, ["python", "-u", "/app/train.py"], name=f"ar-train-{suffix}",
-            environment=env, mounts=mounts,
-            volumes={volume.name: {"bind": "/out", "mode": "rw"}},
+            environment=env, mounts=mounts, volumes=train_volumes,
             tmpfs={"/tmp": f"size={lim.tmp_bytes},mode=1777"},
             mem_limit=lim.memory_bytes, memswap_limit=lim.memory_bytes,
             nano_cpus=int(lim.cpus * 1e9), pids_limit=lim.pids,
@@ -452,6 +514,10 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
             t4 = time.perf_counter()
             copy_out(holder, "/out/model.pt2", Path(spec.artifact_dir) / "model.pt2", lim.out_bytes)
             phases["copy_out"] = time.perf_counter() - t4
+        if with_cache and spec.cache_to is not None and outcome.status == "ok":
+            t = time.perf_counter()
+            outcome.compile_cache.update(cache_out(holder, spec))
+            phases["cache_out"] = time.perf_counter() - t
         return outcome
     finally:
         t5 = time.perf_counter()
@@ -462,7 +528,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
                 pass
             except docker.errors.APIError as e:
                 log(f"warning: could not remove container {c.name}: {e}")
-        if volume is not None:
+        for volume in volumes:
             for _ in range(20):                       # the engine may hold it for a moment
                 try:
                     volume.remove(force=True)

@@ -31,7 +31,9 @@ class Limits:
     pids: int = 512                       # processes and threads (torch.compile spawns workers)
     out_bytes: int = 4 * 2**30            # the one writable output (model.pt2 and nothing big)
     out_files: int = 1024                 # files in the output
-    tmp_bytes: int = 2 * 2**30            # /tmp (compile caches, HOME)
+    tmp_bytes: int = 2 * 2**30            # /tmp (HOME; compile caches without cache_from/to)
+    cache_bytes: int = 2 * 2**30          # the trial's compile cache (runner.sandbox.cache)
+    cache_files: int = 50_000             # files and folders in it
     log_bytes: int = 256 * 2**10          # candidate output kept for the record (tail)
     launch_s: float = 0.5                 # docker create + start (0.2-0.5 s measured)
     score_timeout_s: int = 600            # the scorer's own cap

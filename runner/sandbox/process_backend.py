@@ -6,7 +6,8 @@ docker backend and returns the same ``Outcome``:
 - **build**: a private work folder (mode 0700, removed on every path out of ``run``) holding
   ``train.py`` and ``prepare.py`` side by side (so ``import prepare`` works as in the container's
   ``/app``), ``data/`` with symlinks to only the *training* part of the data set (never ``val/``),
-  an empty ``out/``, ``home/`` and ``tmp/``.
+  an empty ``out/``, ``home/`` and ``tmp/``, and, when the spec has a compile cache, ``cache/``:
+  a private copy of the run's (``runner.sandbox.cache``), read back only from a scored trial.
 - **train**: ``python -u train.py`` in its own session and process group, stdin closed, output
   merged into one pipe of which only the last ``limits.log_bytes`` are kept, an explicit minimal
   environment (nothing of the host's but PATH and the few GPU library variables), core dumps off,
@@ -24,7 +25,9 @@ network, GPUs and credentials on disk. The training view of the data is a courte
 the session and scrubs its environment can outlive the trial. The clock is no better: SIGSTOP
 reaches the process group, so a candidate that forks a process out of the group (``setsid``)
 keeps it running past the deadline until the kill that follows, and can write a model in that
-moment or, with a scrubbed environment, long after. Use the docker backend for
+moment or, with a scrubbed environment, long after. The compile cache is a private copy in
+the work folder, read back only from a scored trial (`runner.sandbox.cache`), but a candidate
+that runs as this user can write the run's cache folder itself. Use the docker backend for
 anything you would not run yourself.
 """
 
@@ -46,6 +49,7 @@ from pathlib import Path
 
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
+from runner.sandbox import cache
 from runner.sandbox.base import Backend, Log, Outcome, TrialSpec, deadline_env, training_view
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
@@ -267,6 +271,8 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
     env.update({"AUTORESEARCH_SEED": str(spec.seed),
                 "AUTORESEARCH_DATA_DIR": str(work / "data"), "AUTORESEARCH_OUT": str(work / "out"),
                 MARKER: marker})
+    if uses_cache(spec):
+        env.update(cache.env(str(work / "cache")))
     deadline, told = deadline_env(spec.budget)        # a fork is the runner's only overhead
     env.update(told)
     read_fd, write_fd = os.pipe()
@@ -399,6 +405,10 @@ def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: l
     apply_score(outcome, exit_code_of(returncode), stdout, stderr)
 
 
+def uses_cache(spec: TrialSpec) -> bool:
+    return spec.cache_from is not None or spec.cache_to is not None
+
+
 def tail_of(path: Path, limit: int) -> str:
     with open(path, "rb") as f:
         f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
@@ -425,6 +435,13 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         for part in training:
             (work / "data" / part.name).symlink_to(part.resolve())
         phases["build"] = time.perf_counter() - t0
+        if uses_cache(spec):                      # a private copy of the run's compile cache
+            t = time.perf_counter()
+            outcome.compile_cache = cache.hand_out(
+                spec.cache_from, lambda src, b, f: cache.copy_tree(src, work / "cache", b, f),
+                lim.cache_bytes, lim.cache_files)
+            (work / "cache").mkdir(exist_ok=True)
+            phases["cache_in"] = time.perf_counter() - t
 
         # ---- train (untrusted, and NOT isolated) ----
         t1 = time.perf_counter()
@@ -460,6 +477,12 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
             t3 = time.perf_counter()
             copy_regular(model, Path(spec.artifact_dir) / "model.pt2")
             phases["copy_out"] = time.perf_counter() - t3
+        if spec.cache_to is not None and outcome.status == "ok":   # only a scored trial's
+            t = time.perf_counter()
+            outcome.compile_cache.update(cache.take_back(
+                lambda dest, b, f: cache.copy_tree(work / "cache", dest, b, f),
+                Path(spec.cache_to), lim.cache_bytes, lim.cache_files))
+            phases["cache_out"] = time.perf_counter() - t
         return outcome
     finally:
         t4 = time.perf_counter()

@@ -1,0 +1,462 @@
+"""The compile cache (runner.sandbox.cache): only the kept line writes it.
+
+A trial starts on a private copy of the run's cache and leaves its own cache in its folder only
+when it was scored; the loop makes that the run's cache only on a keep. A candidate that plants
+files in its cache (a fake inductor entry, a big file, links to the host's files, FIFOs, odd
+names) and is discarded changes nothing for the next one; what a kept one leaves is filtered
+(regular files and folders only) and bounded. The candidates here write into
+``$TORCHINDUCTOR_CACHE_DIR`` themselves (no real compile: the base image has no C compiler and
+inductor's CPU backend needs one); warm-start timing is the GPU benchmark's.
+
+Bounds: caches of a few KiB to a few MiB, budgets of seconds (EXPORT_BUDGET for candidates that
+import torch and export a model on one CPU), the scorer on 4096 tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_engine_missing
+from runner.sandbox import Limits, TrialSpec, cache
+
+RUN = f"cachetest{uuid.uuid4().hex[:6]}"      # unique: suites may share one engine
+EVAL_TOKENS = 4096
+EXPORT_BUDGET = 90
+KIB, MIB = 2**10, 2**20
+LIMITS = Limits(memory_bytes=2 * 2**30, cpus=1.0, pids=256, out_bytes=256 * MIB,
+                tmp_bytes=256 * MIB, cache_bytes=8 * MIB, cache_files=400,
+                score_memory_bytes=4 * 2**30, score_timeout_s=180)
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (nothing followed): a file's sha256, else its kind."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            out[rel] = "link"
+        elif p.is_dir():
+            out[rel] = "dir"
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "other"
+    return out
+
+
+def run_cache(root: Path) -> Path:
+    """A run's cache as the runner keeps it: a fake inductor entry and a triton kernel."""
+    folder = root / "compile-cache"
+    (folder / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
+    (folder / "inductor" / "fxgraph" / "ab" / "entry").write_text("kept line's graph\n")
+    (folder / "triton" / "HASH").mkdir(parents=True)
+    (folder / "triton" / "HASH" / "kernel.so").write_bytes(b"\x7fELF" + bytes(1000))
+    os.chmod(folder / "triton" / "HASH" / "kernel.so", 0o755)
+    return folder
+
+
+# ---- the module on its own --------------------------------------------------------------------
+
+def hostile_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        def add(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "",
+                mode: int = 0o644) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mode = kind, link, mode
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("cache", kind=tarfile.DIRTYPE, mode=0o700)
+        add("cache/inductor/fxgraph/ok", b"fine")
+        add("cache/inductor/run.so", b"\x7fELF", mode=0o4755)          # setuid: dropped bits
+        add("cache/../escaped", b"evil")
+        add("cache/inductor/../../escaped2", b"evil")
+        add("/etc/cron.d/evil", b"evil")
+        add("cache/passwd", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add("cache/root", kind=tarfile.SYMTYPE, link="/")
+        add("cache/hard", kind=tarfile.LNKTYPE, link="cache/inductor/fxgraph/ok")
+        add("cache/null", kind=tarfile.CHRTYPE)
+        add("cache/fifo", kind=tarfile.FIFOTYPE)
+        add("cache/inductor/fxgraph/ok", b"second copy")             # a name twice
+        add("cache/..hidden", b"a plain odd name")
+    return buf.getvalue()
+
+
+def test_extract_keeps_only_regular_files_and_folders_with_safe_names(tmp_path):
+    data = hostile_tar()
+    chunks = [data[i:i + 700] for i in range(0, len(data), 700)]
+    tally = cache.extract(chunks, tmp_path / "out", 1 * MIB, 100)
+    assert tree(tmp_path / "out") == {
+        "..hidden": hashlib.sha256(b"a plain odd name").hexdigest(),
+        "inductor": "dir", "inductor/fxgraph": "dir",
+        "inductor/fxgraph/ok": hashlib.sha256(b"fine").hexdigest(),
+        "inductor/run.so": hashlib.sha256(b"\x7fELF").hexdigest()}
+    assert os.stat(tmp_path / "out" / "inductor" / "run.so").st_mode & 0o7777 == 0o755
+    assert tally.skipped == 9 and tally.files == 5
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "escaped2").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]            # no temporary left
+
+
+@pytest.mark.parametrize("max_bytes,max_files,why", [(10, 100, "bytes"), (MIB, 3, "files")])
+def test_an_oversized_cache_is_dropped_whole(tmp_path, max_bytes, max_files, why):
+    with pytest.raises(cache.TooBig, match=why):
+        cache.extract([hostile_tar()], tmp_path / "out", max_bytes, max_files)
+    src = run_cache(tmp_path)
+    with pytest.raises(cache.TooBig, match=why):
+        cache.copy_tree(src, tmp_path / "copy", max_bytes, max_files)
+    assert [p.name for p in tmp_path.iterdir()] == ["compile-cache"]   # nothing half-made
+
+
+def test_a_stream_that_is_not_a_tar_or_too_long_is_dropped(tmp_path):
+    with pytest.raises(cache.TooBig, match="not a tar"):
+        cache.extract([b"\x00garbage" * 200], tmp_path / "a", MIB, 100)
+    # A pax header that says it is 600 MB long (tarfile reads a header whole, in memory).
+    info = tarfile.TarInfo("cache/pax")
+    info.type, info.size = tarfile.XHDTYPE, 600 * MIB
+    head = info.tobuf(format=tarfile.USTAR_FORMAT)
+    endless = (head if i == 0 else b"x" * 65536 for i in range(10_000))
+    with pytest.raises(cache.TooBig, match="archive is over"):
+        cache.extract(endless, tmp_path / "b", 64 * KIB, 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_tree_follows_no_link(tmp_path):
+    src = run_cache(tmp_path)
+    os.symlink("/etc/passwd", src / "inductor" / "passwd")
+    os.symlink("/etc", src / "inductor" / "etc")
+    os.mkfifo(src / "triton" / "fifo")
+    tally = cache.copy_tree(src, tmp_path / "copy", MIB, 100)
+    assert tally.skipped == 3
+    assert tree(tmp_path / "copy") == {k: v for k, v in tree(src).items()
+                                       if k not in ("inductor/passwd", "inductor/etc",
+                                                    "triton/fifo")}
+    assert os.stat(tmp_path / "copy" / "triton" / "HASH" / "kernel.so").st_mode & 0o100
+
+
+def test_tar_for_the_container_is_owned_by_the_candidate(tmp_path):
+    src = run_cache(tmp_path)
+    os.symlink("/etc/passwd", src / "passwd")
+    buf = io.BytesIO()
+    cache.to_tar(src, buf, 10001, 10001, MIB, 100)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert set(members) == set(tree(src)) - {"passwd"}
+    assert all(m.uid == m.gid == 10001 and (m.isdir() or m.isreg()) for m in members.values())
+    assert members["triton/HASH/kernel.so"].mode == 0o700
+
+
+def test_promote_swaps_the_run_cache_and_sweep_cleans_up(tmp_path):
+    run = tmp_path / "run" / "compile-cache"
+    assert not cache.promote(tmp_path / "nothing", run)
+    first = run_cache(tmp_path / "t1")
+    want = tree(first)
+    assert cache.promote(first, run) and tree(run) == want and not first.exists()
+    second = tmp_path / "t2"
+    (second / "inductor").mkdir(parents=True)
+    (second / "inductor" / "new").write_text("new")
+    assert cache.promote(second, run) and tree(run) == {"inductor": "dir",
+                                                         "inductor/new": tree(run)["inductor/new"]}
+    assert sorted(p.name for p in run.parent.iterdir()) == ["compile-cache", "compile-cache.lock"]
+    (run.parent / "compile-cache.new-12345678").mkdir()             # a promotion cut short
+    (run.parent / "trial-caches" / "3-0").mkdir(parents=True)
+    cache.sweep(run, run.parent / "trial-caches")
+    assert sorted(p.name for p in run.parent.iterdir()) == ["compile-cache", "compile-cache.lock"]
+
+
+def test_a_run_cache_over_half_the_space_is_not_handed_out(tmp_path):
+    src = run_cache(tmp_path)
+    size = cache.measure(src).bytes
+    note = cache.hand_out(src, lambda s, b, f: cache.copy_tree(s, tmp_path / "t", b, f),
+                          2 * size, 100)
+    assert note == {"start": "warm", "in_bytes": size, "in_files": len(tree(src))}
+    note = cache.hand_out(src, lambda s, b, f: cache.copy_tree(s, tmp_path / "t2", b, f),
+                          2 * size - 2, 100)
+    assert note["start"] == "cold" and "not handed out" in note["note"]
+    assert not (tmp_path / "t2").exists()
+    assert cache.hand_out(tmp_path / "none", lambda s, b, f: cache.Tally(), 10, 10)["start"] == "cold"
+
+
+# ---- candidates that write their cache ----------------------------------------------------------
+
+# Prints what it found in its cache, writes its entry, plants what PLANT says, exports a table
+# model whose logits are random * SCALE (0: uniform; larger: worse).
+CANDIDATE = r'''
+import hashlib, json, os, stat, sys
+import torch, prepare
+
+ROOT = os.path.dirname(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+TAG, SCALE, PLANT, BIG = __TAG__, __SCALE__, __PLANT__, __BIG__
+
+def listing():
+    out = {}
+    for d, dirs, files in os.walk(ROOT):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            rel = os.path.relpath(p, ROOT)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = "link"
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = "dir"
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            else:
+                out[rel] = "other"
+    return out
+
+print("CACHE_AT_START " + json.dumps(listing(), sort_keys=True), flush=True)
+ind = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+os.makedirs(os.path.join(ind, "fxgraph", TAG), exist_ok=True)
+with open(os.path.join(ind, "fxgraph", TAG, "entry"), "w") as f:
+    f.write(f"graph of {TAG}\n")
+if PLANT:
+    os.symlink("/etc/passwd", os.path.join(ind, "passwd"))
+    os.symlink("/", os.path.join(ind, "root"))
+    os.mkfifo(os.path.join(ind, "fifo"))
+    with open(os.path.join(ind, "..evil.py"), "w") as f:
+        f.write("import os; os.system('echo pwned')\n")
+    os.makedirs(os.path.join(ind, "fxgraph", "ab"), exist_ok=True)
+    with open(os.path.join(ind, "fxgraph", "ab", "entry"), "w") as f:   # the kept entry
+        f.write("poisoned\n")
+    try:
+        os.link(os.path.join(ind, "fxgraph", TAG, "entry"), os.path.join(ind, "hardlink"))
+    except OSError as e:
+        print("HARDLINK", e, flush=True)
+    os.chmod(os.path.join(ind, "..evil.py"), 0o4755)
+if BIG:
+    try:
+        with open(os.path.join(ind, "big.bin"), "wb") as f:
+            for _ in range(BIG):
+                f.write(b"\0" * (1 << 20))
+        print("BIG written", flush=True)
+    except OSError as e:
+        print("BIG stopped:", e.strerror, flush=True)
+
+V = prepare.load_meta()["vocab_size"]
+
+class Table(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(V, V, generator=g) * SCALE)
+
+    def forward(self, idx):
+        return self.table[idx]
+
+batch = torch.export.Dim("batch", min=1, max=4096)
+seq = torch.export.Dim("seq", min=2, max=prepare.SEQ_LEN)
+ep = torch.export.export(Table(), (torch.zeros(2, 16, dtype=torch.long),),
+                         dynamic_shapes={"idx": {0: batch, 1: seq}})
+prepare.save_model(ep, os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
+print("EXPORTED", TAG, flush=True)
+'''
+
+OBSERVER = CANDIDATE.split("ind = os.environ")[0] + 'print("DONE", flush=True)\n'
+
+
+def render(source: str, tag: str, scale: float = 0.0, plant: bool = False, big: int = 0) -> str:
+    return (source.replace("__TAG__", repr(tag)).replace("__SCALE__", repr(scale))
+            .replace("__PLANT__", repr(plant)).replace("__BIG__", repr(big)))
+
+
+def seen(rec: dict) -> dict[str, str]:
+    found = re.search(r"^CACHE_AT_START (.*)$", rec["log_tail"], re.M)
+    assert found, rec["log_tail"]
+    return json.loads(found.group(1))
+
+
+def spec(tmp_path: Path, data: Path, source: str, number: int, cache_from: Path | None,
+         cache_to: Path | None, budget: int = EXPORT_BUDGET, **limits) -> TrialSpec:
+    train_py = tmp_path / f"train-{number}.py"
+    train_py.write_text(source)
+    return TrialSpec(train_py=train_py, data_dir=data, budget=budget, run=RUN, number=number,
+                     limits=Limits(**{**LIMITS.__dict__, **limits}), eval_tokens=EVAL_TOKENS,
+                     cache_from=cache_from, cache_to=cache_to)
+
+
+PLANTED = {"inductor/passwd", "inductor/root", "inductor/fifo", "inductor/hardlink"}
+
+
+def check_planter_output(got: Path, kept: dict[str, str], tag: str) -> None:
+    """What comes out of the planter: its own entry, the run's other files, no link, FIFO or
+    hard link's second name kept as a link, and no set-uid bit."""
+    out = tree(got)
+    assert not PLANTED & {k for k, v in out.items() if v in ("link", "other")}
+    assert "inductor/passwd" not in out and "inductor/root" not in out
+    assert "inductor/fifo" not in out
+    assert out[f"inductor/fxgraph/{tag}/entry"] == hashlib.sha256(
+        f"graph of {tag}\n".encode()).hexdigest()
+    assert out["triton/HASH/kernel.so"] == kept["triton/HASH/kernel.so"]
+    assert out["inductor/fxgraph/ab/entry"] == hashlib.sha256(b"poisoned\n").hexdigest()
+    assert os.stat(got / "inductor" / "..evil.py").st_mode & 0o7000 == 0
+    for p in got.rglob("*"):
+        assert not p.is_symlink() and (p.is_dir() or p.is_file())
+
+
+# ---- the process backend ------------------------------------------------------------------------
+
+def test_process_trial_gets_a_private_copy_and_leaves_a_filtered_one(tmp_path, small_data):
+    from runner.trial import run_trial
+    kept = run_cache(tmp_path / "run")
+    before = tree(kept)
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "p1", plant=True), 1, kept,
+                         tmp_path / "t1"), "process")
+    assert rec["status"] == "ok", rec
+    assert seen(rec) == before                                   # the copy, exactly
+    assert tree(kept) == before                                  # the run's cache untouched
+    assert rec["compile_cache"]["start"] == "warm"
+    assert rec["compile_cache"]["in_files"] == len(before)
+    assert rec["compile_cache"]["out"] == "taken" and rec["compile_cache"]["skipped"] >= 3
+    check_planter_output(tmp_path / "t1", before, "p1")
+
+
+def test_process_trial_with_an_oversized_cache_leaves_none(tmp_path, small_data):
+    from runner.trial import run_trial
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "big", big=12), 2, None,
+                         tmp_path / "t2"), "process")
+    assert rec["status"] == "ok", rec
+    assert "BIG written" in rec["log_tail"]                    # no space limit here...
+    assert rec["compile_cache"]["start"] == "cold"
+    assert rec["compile_cache"]["out"].startswith("dropped: over 8388608 bytes")
+    assert not (tmp_path / "t2").exists()                       # ...but nothing comes out
+
+
+def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
+    """The loop on the process backend: a baseline (kept: its cache becomes the run's), a
+    planter (worse: discarded; the next candidate's cache is exactly the run's), a better one
+    (kept: its filtered cache becomes the run's) and one more that sees it."""
+    import git
+
+    from runner.agents import Proposal
+    from runner.loop import LoopConfig, Overnight
+    from runner.trial import LocalTrials
+
+    repo = git.Repo(project)
+    (project / "target" / "train.py").write_text(render(CANDIDATE, "base", scale=3.0))
+    repo.index.add(["target/train.py"])
+    repo.index.commit("a baseline that writes its cache")
+    script = [("planter", render(CANDIDATE, "planter", scale=6.0, plant=True)),
+              ("better", render(CANDIDATE, "better", scale=0.0)),
+              ("observer", render(CANDIDATE, "observer", scale=0.0))]
+
+    def propose(program, train_py, history):
+        if not script:
+            return Proposal(train_py=None, description="none", error="no more in the script")
+        description, text = script.pop(0)
+        return Proposal(train_py=text, description=description)
+
+    cfg = LoopConfig(tag="cacheloop", budget=EXPORT_BUDGET, data_dir=small_data,
+                     runs_dir=project / "runs", repo_root=project, limits=LIMITS,
+                     eval_tokens=EVAL_TOKENS, keep_rule="threshold", noise_runs=1,
+                     same_seed_runs=0, max_experiments=4, executor=LocalTrials("process"))
+    loop = Overnight(cfg, log=lambda _: None)
+    loop.agent = propose
+    ledger = loop.run()
+    by = {r["description"]: r for r in ledger.records}
+    assert [r["status"] for r in ledger.records] == ["keep", "discard", "keep", "discard"], \
+        [(r["description"], r["status"], r["reason"]) for r in ledger.records]
+    run_dir = project / "runs" / "cacheloop"
+    base_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "inductor/fxgraph/base": "dir",
+                  "inductor/fxgraph/base/entry": hashlib.sha256(b"graph of base\n").hexdigest()}
+    assert seen(by["baseline"]) == {} and by["baseline"]["compile_cache"]["start"] == "cold"
+    assert seen(by["planter"]) == base_cache                  # the baseline's, promoted
+    assert by["planter"]["compile_cache"]["out"] == "taken"   # scored, then discarded
+    assert seen(by["better"]) == base_cache                   # the planter changed nothing
+    better_cache = {**base_cache, "inductor/fxgraph/better": "dir",
+                    "inductor/fxgraph/better/entry":
+                        hashlib.sha256(b"graph of better\n").hexdigest()}
+    assert seen(by["observer"]) == better_cache               # the kept one's
+    assert by["observer"]["compile_cache"]["start"] == "warm"
+    observer_cache = {**better_cache, "inductor/fxgraph/observer": "dir",
+                      "inductor/fxgraph/observer/entry":
+                          hashlib.sha256(b"graph of observer\n").hexdigest()}
+    assert tree(run_dir / "compile-cache") == better_cache    # the observer was discarded
+    assert observer_cache != better_cache
+    assert not (run_dir / "trial-caches").exists() or not any((run_dir / "trial-caches").iterdir())
+
+
+# ---- the docker backend -------------------------------------------------------------------------
+
+needs_docker = pytest.mark.skipif(docker_engine_missing() is not None,
+                                  reason=str(docker_engine_missing()))
+
+
+@pytest.fixture
+def engine():
+    import docker
+    cli = docker.from_env(timeout=120)
+    yield cli
+    assert not cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})
+    assert not cli.volumes.list(filters={"label": f"autoresearch.run={RUN}"})
+    for image in cli.images.list(filters={"reference": f"autoresearch/exp:{RUN}*"}):
+        cli.images.remove(image.id, force=True)
+
+
+def watch_scorer_mounts(cli, stop: threading.Event, found: list) -> None:
+    """The mounts of this run's scoring container, seen while it exists."""
+    while not stop.is_set():
+        for c in cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"}):
+            if c.name.startswith("ar-score-") and not found:
+                found.append([m.get("Destination") for m in c.attrs.get("Mounts", [])])
+        time.sleep(0.1)
+
+
+@needs_docker
+def test_docker_planting_is_filtered_and_a_discarded_cache_changes_nothing(
+        tmp_path, small_data, engine):
+    """The planter starts on an exact copy of the run's cache (owned by the candidate, in its
+    own volume), plants, is scored, and what comes out is filtered; the scorer has no cache.
+    Discarded, it changes nothing: the next candidate sees exactly the run's cache."""
+    from runner.trial import run_trial
+    kept = run_cache(tmp_path / "run")
+    before = tree(kept)
+    stop, mounts = threading.Event(), []
+    watcher = threading.Thread(target=watch_scorer_mounts, args=(engine, stop, mounts), daemon=True)
+    watcher.start()
+    try:
+        rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "d1", plant=True), 1, kept,
+                             tmp_path / "t1"), "docker")
+    finally:
+        stop.set()
+        watcher.join()
+    assert rec["status"] == "ok", rec
+    assert seen(rec) == before and tree(kept) == before
+    assert rec["compile_cache"]["start"] == "warm" and rec["compile_cache"]["out"] == "taken"
+    check_planter_output(tmp_path / "t1", before, "d1")
+    assert mounts and "/cache" not in mounts[0] and "/model" in mounts[0], mounts
+    print(f"\n[cache] docker planter: {rec['compile_cache']} phases={rec['phases']}")
+
+    cache.discard(tmp_path / "t1")                               # the loop's discard
+    rec = run_trial(spec(tmp_path, small_data, render(OBSERVER, "d2"), 2, kept, None, budget=30),
+                    "docker")
+    assert "DONE" in rec["log_tail"] and rec["status"] == "invalid", rec   # no model: unscored
+    assert seen(rec) == before
+    assert rec["compile_cache"] == {"start": "warm", "in_bytes": cache.measure(kept).bytes,
+                                    "in_files": len(before)}
+
+
+@needs_docker
+def test_docker_cache_is_bounded_by_its_volume(tmp_path, small_data, engine):
+    """A candidate that writes past `cache_bytes` runs out of space in its cache volume; what
+    comes out is within the bound."""
+    from runner.trial import run_trial
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "dbig", big=12), 3, None,
+                         tmp_path / "t3"), "docker")
+    assert rec["status"] == "ok", rec
+    assert "BIG stopped: No space left on device" in rec["log_tail"], rec["log_tail"]
+    info = rec["compile_cache"]
+    assert info["start"] == "cold" and info["out"] == "taken", info
+    assert info["out_bytes"] <= LIMITS.cache_bytes
+    assert cache.measure(tmp_path / "t3").bytes == info["out_bytes"]
