@@ -99,7 +99,10 @@ def run_one(name: str, data: Path, gpus: list[str | None], args: argparse.Namesp
                      rerun_share=args.rerun_share, eval_tokens=args.eval_tokens)
     cache_dir = cfg.runs_dir / cfg.tag / "compile-cache"     # the kept line's (runner.loop)
     if args.cache_from is not None:                           # start warm: another run's cache
-        shutil.copytree(args.cache_from, cache_dir)
+        if args.cache_from.is_dir():
+            shutil.copytree(args.cache_from, cache_dir)
+        else:
+            print(f"[{name}] no compile cache at {args.cache_from}: starting cold", flush=True)
     ledger = overnight(cfg, log=lambda line: print(f"[{name}] {line}", flush=True))
     if args.out is not None:
         (args.out / name).mkdir(parents=True, exist_ok=True)
