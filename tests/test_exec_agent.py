@@ -51,6 +51,9 @@ AGENT = textwrap.dedent('''
         sys.exit(3)
     elif action == "nothing":
         print("I looked and decided to change nothing.")
+    elif action == "no-key":                  # aider without a key: a warning, then exit 0
+        print("Warning: Input is not a terminal (fd=0).", file=sys.stderr)
+        print("Missing Anthropic API Key: check your API key.")
     elif action == "syntax":
         open("train.py", "w").write(text + "\\ndef (:\\n")
     elif action == "symlink":
@@ -140,6 +143,8 @@ def test_exec_agent_description_from_stdout_and_usage(agent_script: Path, tmp_pa
 @pytest.mark.parametrize("action, reason", [
     ("crash", "agent exited with code 3 (its last output: 'traceback: something broke in the agent')"),
     ("nothing", "the agent changed nothing in train.py"),
+    ("no-key", "(its last output: 'Warning: Input is not a terminal (fd=0).') "
+               "(last on stdout: 'Missing Anthropic API Key: check your API key.')"),
     ("other-file", "the agent changed nothing in train.py"),
     ("syntax", "does not parse as Python"),
     ("symlink", "train.py was replaced by a symbolic link"),

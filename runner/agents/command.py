@@ -33,7 +33,7 @@ Failures (each a Proposal with ``train_py=None`` and the reason; the loop record
 ``invalid`` and goes on)
     - it runs past `timeout` seconds: its whole process group gets SIGTERM, then SIGKILL
       after `kill_grace` seconds;
-    - it exits non-zero (its last output line is quoted in the reason);
+    - it exits non-zero (the last line of its stderr and of its stdout are quoted in the reason);
     - it leaves train.py unchanged, missing, or invalid.
     After every run, anything left in its process group is killed.
 
@@ -282,8 +282,11 @@ class ExecAgent:
             proposal.completion_tokens = int(usage.get("completion_tokens", 0))
             proposal.cost_usd = usage.get("cost_usd", 0.0)
             proposal.description = description_of(work, stdout)
-            last = _last_line(stderr) or _last_line(stdout)
-            said = f" (its last output: {last!r})" if last else ""
+            # Both streams: a tool may end on a warning on stderr and say why on stdout (aider
+            # without a key prints "Input is not a terminal", then the auth error on stdout).
+            err, out = _last_line(stderr), _last_line(stdout)
+            said = (f" (its last output: {err or out!r})" if err or out else "") + (
+                f" (last on stdout: {out!r})" if err and out and out != err else "")
             if code is None:
                 proposal.error = (f"agent timed out after {self.timeout:g} s; its process group "
                                   f"was killed{said}")
