@@ -131,6 +131,71 @@ def test_a_stream_that_is_not_a_tar_or_too_long_is_dropped(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def tarinfo(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def test_a_flood_of_skipped_members_is_bounded(tmp_path):
+    """Hard links (skipped, and free of tmpfs inodes) count against the entries, and the
+    streaming reader keeps no member list: 50,000 of them against a 1,000-entry cap."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        t.addfile(tarinfo("c", tarfile.DIRTYPE))
+        for i in range(50_000):
+            t.addfile(tarinfo(f"c/l{i}", tarfile.LNKTYPE, linkname="c/x"))
+    data = buf.getvalue()
+    chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+    got = cache.take_back(lambda dest, b, f: cache.extract(chunks, dest, b, f),
+                          tmp_path / "out", 2**30, 1000)
+    assert got == {"out": "dropped: over 1000 entries in the archive"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_the_host_refuses_drop_the_cache_never_the_trial(tmp_path):
+    """Folders nested past the host's path limit (PATH_MAX 4096), and a reader that fails the
+    way a full disk or a broken stream does: the cache is dropped or thinned, nothing raises,
+    and the record holds no name the candidate chose."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        name = "c"
+        t.addfile(tarinfo(name, tarfile.DIRTYPE))
+        for _ in range(20):
+            name += "/" + "y" * 254
+            t.addfile(tarinfo(name, tarfile.DIRTYPE))
+        info = tarinfo(name + "/f")
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"hi"))
+    got = cache.take_back(lambda dest, b, f: cache.extract([buf.getvalue()], dest, b, f),
+                          tmp_path / "deep", 2**30, 1000)
+    assert got["out"] == "taken" and got["skipped"] >= 1
+
+    def failing(dest, b, f):
+        raise OSError(28, "No space left on device: " + "y" * 50)
+    got = cache.take_back(failing, tmp_path / "full", 2**30, 1000)
+    assert got == {"out": "dropped: OSError errno 28"}
+
+
+def test_a_candidate_that_exits_while_being_frozen_is_not_scored():
+    """`docker pause` failed and the container had exited by then: scored only if the engine
+    saw it finish before the deadline."""
+    from datetime import datetime, timezone
+
+    from runner.sandbox.docker_backend import exited_after
+
+    class Finished:
+        def __init__(self, seconds_from_now):
+            at = datetime.fromtimestamp(time.time() + seconds_from_now, tz=timezone.utc)
+            self.attrs = {"State": {"FinishedAt": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+    deadline = time.monotonic()
+    assert exited_after(Finished(2.0), deadline)
+    assert not exited_after(Finished(-2.0), deadline)
+    unknown = Finished(0)
+    unknown.attrs = {"State": {}}
+    assert exited_after(unknown, deadline)              # unknown: not placed before it
+
+
 def test_copy_tree_follows_no_link(tmp_path):
     src = run_cache(tmp_path)
     os.symlink("/etc/passwd", src / "inductor" / "passwd")

@@ -192,7 +192,10 @@ class _Writer:
         self.tally.add(0, self.max_bytes, self.max_files)
         self.made.add(name)
         self._parents(name)
-        (self.root / name).mkdir(mode=0o755, exist_ok=True)
+        try:
+            (self.root / name).mkdir(mode=0o755, exist_ok=True)
+        except OSError:                      # too long, a file in the way: left out
+            self.tally.skipped += 1
 
     def file(self, name: str, src: IO[bytes] | int, size: int, executable: bool) -> None:
         if name in self.made or name.count("/") >= MAX_DEPTH:
@@ -318,7 +321,14 @@ def extract(chunks: Iterable[bytes], dest: Path, max_bytes: int, max_files: int,
     try:
         try:
             with tarfile.open(fileobj=raw, mode="r|") as tar:
+                seen = 0
                 for member in tar:
+                    tar.members.clear()  # type: ignore[attr-defined]  # streaming: keep none
+                    seen += 1                             # skipped members count too
+                    if seen > max_files + 2:
+                        raise TooBig(f"over {max_files} entries in the archive")
+                    if member.size < 0 or member.issparse():
+                        raise TooBig("a negative or sparse member")
                     whole = _safe_name(member.name)       # absolute or `..`: never
                     parts = PurePosixPath(whole).parts[strip:] if whole else ("..",)
                     if not parts:
@@ -430,5 +440,11 @@ def take_back(read: Callable[[Path, int, int], Tally], dest: Path, max_bytes: in
         tally = read(dest, max_bytes, max_files)
     except TooBig as e:
         return {"out": f"dropped: {e}"}
+    except Exception as e:                   # noqa: BLE001 - a cache is worth no lost record
+        # Names the candidate chose (too long, a file where a folder goes) or a full disk make
+        # the host's file system refuse: the cache is dropped; the scored trial stands. Only
+        # the type and errno reach the record, never the message (it may quote a name).
+        errno_ = getattr(e, "errno", None)
+        return {"out": f"dropped: {type(e).__name__}" + (f" errno {errno_}" if errno_ else "")}
     return {"out": "taken", "out_bytes": tally.bytes, "out_files": tally.files,
             "skipped": tally.skipped}

@@ -54,7 +54,8 @@ from runner.paths import PREPARE_PY
 from runner.sandbox import cache, images
 from runner.sandbox.base import (Backend, InfrastructureError, Log, Outcome, TrialSpec,
                                  deadline_env, training_view)
-from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
+from runner.sandbox.output import (apply_score, classify_exit, escape_line, escape_log,
+                                   parse_summary)
 
 UID = "10001:10001"
 CACHE = "/cache"                            # the trial's private compile cache (a tmpfs volume)
@@ -250,8 +251,13 @@ def cache_in(holder, spec: TrialSpec) -> dict[str, Any]:
             try:
                 if not holder.put_archive(CACHE, tar):
                     raise docker.errors.APIError("put_archive refused")
-            except docker.errors.APIError as e:       # a cache is worth no failed trial
-                note.update(start="partial", note=f"the copy failed: {str(e)[:200]}")
+            except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+                # A cache is worth no failed trial, and half a cache (cut-short shared
+                # objects) would charge the candidate for our failure: start it cold.
+                emptied = holder.exec_run(["sh", "-c", f"rm -rf {CACHE}/* {CACHE}/.[!.]*"],
+                                          user=UID).exit_code == 0
+                note.update(start="cold" if emptied else "partial",
+                            note=f"the copy failed: {escape_line(str(e)[:200])}")
     return note
 
 
@@ -263,6 +269,8 @@ def cache_out(holder, spec: TrialSpec) -> dict[str, Any]:
         stream, _ = holder.get_archive(CACHE)
     except docker.errors.NotFound:
         return {"out": "dropped: no cache folder"}
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+        return {"out": f"dropped: {type(e).__name__}"}
     try:
         return cache.take_back(lambda dest, b, f: cache.extract(stream, dest, b, f),
                                Path(str(spec.cache_to)), lim.cache_bytes, lim.cache_files)
@@ -315,6 +323,19 @@ def kill_inside(container, image: str, options: dict[str, Any], spawned: list) -
     killer.wait(timeout=30)
 
 
+def exited_after(container, deadline: float, tolerance_s: float = 0.1) -> bool:
+    """Whether the engine saw `container` finish later than `deadline` (``time.monotonic()``,
+    turned into the wall clock the engine's ``FinishedAt`` uses; one host, one clock). Unknown
+    is after: the caller then does not score what it cannot place before the deadline."""
+    finished = container.attrs.get("State", {}).get("FinishedAt", "") if hasattr(
+        container, "attrs") else ""
+    try:
+        at = datetime.fromisoformat(finished[:26].rstrip("Z") + "+00:00").timestamp()
+    except ValueError:
+        return True
+    return at > time.time() - (time.monotonic() - deadline) + tolerance_s
+
+
 def run_to_deadline(container, deadline: float, image: str = "",
                     options: dict[str, Any] | None = None, log: Log = print,
                     spawned: list | None = None) -> Stop:
@@ -339,8 +360,14 @@ def run_to_deadline(container, deadline: float, image: str = "",
         container.pause()
     except docker.errors.APIError as e:
         container.reload()
-        if container.status == "exited":               # it exited as the deadline came
-            return Stop(container.wait(timeout=30)["StatusCode"], False, False, time.monotonic())
+        if container.status == "exited":               # it exited as the deadline came ...
+            code = container.wait(timeout=30)["StatusCode"]
+            if not exited_after(container, deadline):
+                return Stop(code, False, False, time.monotonic())
+            # ... or after it, while runc tried to freeze it (seconds on cgroup v1): what it
+            # wrote meanwhile is not scored.
+            log(f"{container.name}: exited after the deadline while it was being frozen")
+            return Stop(code, True, False, time.monotonic())
         log(f"{container.name}: could not be frozen at the deadline ({str(e)[:200]}): killed")
         frozen = False
     at = time.monotonic()
@@ -447,7 +474,7 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         started = time.monotonic()
         sampler = threading.Thread(target=peak_memory, args=(train, stop, mem), daemon=True)
         sampler.start()
-        stop_ = run_to_deadline(train, deadline, tag, common, log, containers)
+        stop_ = run_to_deadline(train, deadline, base, common, log, containers)
         exit_code, stopped = stop_.exit_code, stop_.at_deadline
         outcome.training_seconds = stop_.at - started
         outcome.stopped_at_deadline = stopped
