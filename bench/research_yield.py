@@ -35,19 +35,21 @@ without pynvml the records have no GPU telemetry; without rich or matplotlib the
 report is skipped with one line, and `autoresearch report` makes it later from the ledger kept
 in --out). Checked on a CPU with every other third-party package made unimportable.
 
-**On the lent GPU machine** (checked 2026-11-30 on the one-H200 kind: Python 3.12 in
-/opt/torch/.venv with torch 2.11 and numpy, /usr/bin/git, rich, click, matplotlib and pynvml
+**On the lent GPU machine** (checked 2026-11-30 on the one-H200 kind: Python 3.12 in a
+virtualenv with torch 2.11 and numpy, /usr/bin/git, rich, click, matplotlib and pynvml
 present; GitPython, gitdb and smmap missing; no network; at most 10 minutes a command, so one
 data set per command). Its `pip` belongs to another Python than its `python`: unpack the wheels
 instead of installing them. From the checkout here, with the wheels downloaded once (`pip
-download --no-deps --only-binary=:all: -d .whl GitPython gitdb smmap`; they are in
-/work/main/.whl) and a prepared copy of the data (`.devdata/shakespeare`: `autoresearch prepare`
+download --no-deps --only-binary=:all: -d .whl GitPython gitdb smmap`) and a prepared copy of the data (`.devdata/shakespeare`: `autoresearch prepare`
 or a copy), the device command, on the `nvidia-h200-x2` kind with `carry: [".whl",
 ".devdata/shakespeare"]` and a 600 s limit:
 
     mkdir -p /tmp/pylib && for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/pylib; done && \
     PYTHONPATH=/tmp/pylib python bench/research_yield.py --data shakespeare=.devdata/shakespeare \
         --gpus 0,1 --budget 60 --minutes 6 --out "$OUT/yield"
+
+`bench/gpu_lease.sh` wraps this for the figures in bench/RESULTS.md (both data sets and a
+300 s trial in one lease, the loops started warm).
 
 (6 minutes of starts, then the last trials' 60 s and scoring: about 7.5 minutes.) Keep the
 budget at 60 s or more: the runner's clock includes import and torch.compile (about 35 s cold
