@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -175,6 +176,45 @@ def test_names_the_host_refuses_drop_the_cache_never_the_trial(tmp_path):
         raise OSError(28, "No space left on device: " + "y" * 50)
     got = cache.take_back(failing, tmp_path / "full", 2**30, 1000)
     assert got == {"out": "dropped: OSError errno 28"}
+
+
+ODD_NAMES = {
+    "dot segments": [("c/a/./b", tarfile.REGTYPE), ("c/a//d", tarfile.REGTYPE), ("c/./e", tarfile.REGTYPE)],
+    "file then folder": [("c/x", tarfile.REGTYPE), ("c/x", tarfile.DIRTYPE), ("c/x/y", tarfile.REGTYPE)],
+    "folder then file": [("c/x", tarfile.DIRTYPE), ("c/x", tarfile.REGTYPE), ("c/x/y", tarfile.REGTYPE)],
+    "control, bidi, non-UTF-8": [("c/a\nb", tarfile.REGTYPE), ("c/\u202eevil", tarfile.REGTYPE),
+                                 ("c/\udcff\udcfe", tarfile.REGTYPE)],
+    "trailing slash on a file": [("c/f/", tarfile.REGTYPE), ("c/f/g", tarfile.REGTYPE)],
+    "a file as a parent": [("c/p", tarfile.REGTYPE), ("c/p/q/r", tarfile.REGTYPE)],
+}
+
+
+@pytest.mark.parametrize("members", ODD_NAMES.values(), ids=ODD_NAMES.keys())
+def test_odd_but_legal_names_stay_inside_and_go_round(tmp_path, members):
+    """Names a tar may hold that the filters do not reject: nothing raises, nothing lands
+    outside the trial's folder or as a link, and what was taken goes back out to the next
+    trial (`to_tar`) and into the process backend's copy without an error."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      errors="surrogateescape") as t:
+        t.addfile(tarinfo("c", tarfile.DIRTYPE))
+        for name, kind in members:
+            info = tarinfo(name, kind)
+            info.size = 4 if kind == tarfile.REGTYPE else 0
+            t.addfile(info, io.BytesIO(b"data") if kind == tarfile.REGTYPE else None)
+    out = tmp_path / "out"
+    got = cache.take_back(lambda d, b, f: cache.extract([buf.getvalue()], d, b, f), out,
+                          MIB, 100)
+    assert got["out"] == "taken", got
+    for p in out.rglob("*"):
+        assert not p.is_symlink() and p.resolve().is_relative_to(out.resolve())
+    with tempfile.TemporaryFile() as tar:
+        note = cache.hand_out(out, lambda s, b, f: cache.to_tar(s, tar, 10001, 10001, b, f),
+                              MIB, 100)
+        assert note["start"] == "warm" and note["in_files"] == got["out_files"]
+    again = cache.take_back(lambda d, b, f: cache.copy_tree(out, d, b, f), tmp_path / "copy",
+                            MIB, 100)
+    assert again["out"] == "taken" and again["out_files"] == got["out_files"]
 
 
 def test_a_candidate_that_exits_while_being_frozen_is_not_scored():

@@ -181,6 +181,13 @@ class _Writer:
         self.tally = Tally()
         self.made: set[str] = set()
 
+    def _left_out(self, size: int) -> None:
+        """An entry counted against the bounds that the file system then refused: the tally
+        says what is on disk."""
+        self.tally.bytes -= size
+        self.tally.files -= 1
+        self.tally.skipped += 1
+
     def _parents(self, name: str) -> None:
         parts = name.split("/")[:-1]
         for i in range(1, len(parts) + 1):
@@ -195,7 +202,7 @@ class _Writer:
         try:
             (self.root / name).mkdir(mode=0o755, exist_ok=True)
         except OSError:                      # too long, a file in the way: left out
-            self.tally.skipped += 1
+            self._left_out(0)
 
     def file(self, name: str, src: IO[bytes] | int, size: int, executable: bool) -> None:
         if name in self.made or name.count("/") >= MAX_DEPTH:
@@ -209,7 +216,7 @@ class _Writer:
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o755 if executable else 0o644)
         except OSError:
-            self.tally.skipped += 1
+            self._left_out(size)
             return
         with open(fd, "wb") as out:
             if isinstance(src, int):
