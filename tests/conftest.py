@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,13 @@ def pytest_sessionfinish(session, exitstatus):
         names = ", ".join(r.nodeid for r in skipped[:10])
         print(f"\nCI: {len(skipped)} test(s) skipped, which CI does not allow: {names}")
         session.exitstatus = 1
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """The backend's temporary folders go here; each test checks that none are left."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    assert list(folder.iterdir()) == [], "the work folder was not removed"

@@ -29,7 +29,6 @@ import os
 import re
 import signal
 import struct
-import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -530,15 +529,6 @@ def test_build_context_holds_only_the_dockerfile_and_train_py():
 # ------------------------------------------------------------------------------------------
 # The process backend: the group stops at the deadline; a scrubbed setsid escapes (documented)
 # ------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def scratch(tmp_path, monkeypatch):
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    assert list(folder.iterdir()) == [], "the work folder was not removed"
-
 
 PROCESS_WRITERS = ["main", "thread", "child", "own_group"]
 

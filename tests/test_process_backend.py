@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import textwrap
 import time
 import uuid
@@ -21,16 +20,6 @@ from conftest import REPO
 from runner.sandbox import InfrastructureError, Limits, TrialSpec, process_backend
 
 TRAIN_PY = REPO / "target" / "train.py"
-
-
-@pytest.fixture
-def scratch(tmp_path, monkeypatch):
-    """The backend's temporary folders go here; each test checks that none are left."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    assert list(folder.iterdir()) == [], "the work folder was not removed"
 
 
 def candidate(tmp_path: Path, source: str) -> Path:

@@ -327,13 +327,8 @@ def exited_after(container, deadline: float, tolerance_s: float = 0.1) -> bool:
     """Whether the engine saw `container` finish later than `deadline` (``time.monotonic()``,
     turned into the wall clock the engine's ``FinishedAt`` uses; one host, one clock). Unknown
     is after: the caller then does not score what it cannot place before the deadline."""
-    finished = container.attrs.get("State", {}).get("FinishedAt", "") if hasattr(
-        container, "attrs") else ""
-    try:
-        at = datetime.fromisoformat(finished[:26].rstrip("Z") + "+00:00").timestamp()
-    except ValueError:
-        return True
-    return at > time.time() - (time.monotonic() - deadline) + tolerance_s
+    at = engine_time(container, "FinishedAt")
+    return at is None or at > time.time() - (time.monotonic() - deadline) + tolerance_s
 
 
 def run_to_deadline(container, deadline: float, image: str = "",
@@ -388,13 +383,20 @@ def run_to_deadline(container, deadline: float, image: str = "",
 def inside_seconds(container) -> float | None:
     """How long the container's process itself ran, from the engine's own timestamps: the
     rest of a phase is the sandbox's cost (create, start, wait, teardown)."""
-    state = container.attrs.get("State", {})
-    try:
-        start, end = (datetime.fromisoformat(state[k][:26].rstrip("Z") + "+00:00")
-                      for k in ("StartedAt", "FinishedAt"))
-    except (KeyError, ValueError):
+    start, end = engine_time(container, "StartedAt"), engine_time(container, "FinishedAt")
+    if start is None or end is None:
         return None
-    return max((end - start).total_seconds(), 0.0)
+    return max(end - start, 0.0)
+
+
+def engine_time(container, key: str) -> float | None:
+    """One of the engine's timestamps of `container` (``State.StartedAt`` / ``FinishedAt``, RFC
+    3339 with nanoseconds) as a ``time.time()`` epoch; None when missing or unreadable."""
+    text = getattr(container, "attrs", {}).get("State", {}).get(key, "")
+    try:
+        return datetime.fromisoformat(text[:26].rstrip("Z") + "+00:00").timestamp()
+    except ValueError:
+        return None
 
 
 def run(spec: TrialSpec, log: Log) -> Outcome:
