@@ -1345,6 +1345,8 @@ def load_program(path: Path, device: str):
         model = ep.module(check_guards=False)      # no generated guard code (see check_members)
         model.to(device)
     except Exception as e:
+        if out_of_memory(e):
+            raise                                  # for want of memory: run_score says so
         raise Invalid(f"cannot place the program on {device}: {type(e).__name__}: {str(e)[:200]}") from None
     return model
 
@@ -1379,12 +1381,22 @@ SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading t
 SCORE_MIN_TOKENS_PER_S = {"cuda": 20_000, "cpu": 2_000}   # ... plus forward tokens at this rate
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failed: the GPU's (torch.OutOfMemoryError), or the host's (MemoryError, or
+    the CPU allocator's RuntimeError under an address-space limit)."""
+    import torch
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def run_model(model, x, vocab_size: int):
     import torch
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as e:
+        if out_of_memory(e):
+            raise                                  # for want of memory: run_score says so
         raise Invalid(f"the model failed on input {list(x.shape)}: {type(e).__name__}: "
                       f"{str(e)[:200]}") from None
     if not isinstance(out, torch.Tensor):
@@ -1577,6 +1589,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--time-limit", type=float, default=None,
                    help="seconds before the model is `invalid` (default: proportional to the "
                         "tokens scored, see score_time_limit)")
+    s.add_argument("--memory-fraction", type=float, default=None,
+                   help="use at most this share of the GPU's memory (the runner sets it when the "
+                        "scorer shares the GPU with the next candidate)")
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -1591,7 +1606,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 0
 
-    return run_score(args.model, args.data_dir or data_dir(), args.device, args.time_limit)
+    if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
+        parser.error("--memory-fraction must be in (0, 1]")
+    return run_score(args.model, args.data_dir or data_dir(), args.device, args.time_limit,
+                     args.memory_fraction)
 
 
 SPAWN_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
@@ -1607,13 +1625,15 @@ def refuse_spawning() -> None:
     sys.addaudithook(hook)
 
 
-def run_score(model: Path, folder: Path, device: str | None, time_limit: float | None) -> int:
+def run_score(model: Path, folder: Path, device: str | None, time_limit: float | None,
+              memory_fraction: float | None = None) -> int:
     """`prepare.py score`: the result is one JSON line, the last and only line of stdout.
     Everything else (torch's warnings, anything printed while the model loads and runs, at the
     Python or the C level) goes to stderr: file descriptor 1 is pointed at stderr before any of
     it runs, and the result is written to a private copy of the real stdout. A watchdog writes
     an `invalid` result and ends the process when the time limit runs out, even in the middle
-    of a forward pass."""
+    of a forward pass. A failure for want of memory or time says so in `cause` ("memory",
+    "time"): the runner may score such a model again alone (`runner.sandbox.base.Lane`)."""
     import threading
     sys.stdout.flush()
     result_fd = os.dup(1)                            # not inheritable (PEP 446)
@@ -1630,9 +1650,10 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
             written.append(True)
             return True
 
-    def invalid(reason: str) -> dict[str, Any]:
-        return {"status": "invalid", "reason": reason, "val_bpb": None, "tokens": 0,
-                "bytes": 0, "seconds": round(time.time() - t0, 3), "device": device}
+    def invalid(reason: str, cause: str | None = None) -> dict[str, Any]:
+        result = {"status": "invalid", "reason": reason, "val_bpb": None, "tokens": 0,
+                  "bytes": 0, "seconds": round(time.time() - t0, 3), "device": device}
+        return {**result, "cause": cause} if cause else result
 
     import torch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1647,9 +1668,13 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
 
     def out_of_time() -> None:
         if finish(invalid(f"scoring ran past its time limit of {limit:.0f} s "
-                          f"({windows * SEQ_LEN:,} tokens)")):
+                          f"({windows * SEQ_LEN:,} tokens)", "time")):
             os._exit(0)
 
+    if memory_fraction is not None and device.startswith("cuda"):
+        # Beside another trial on this GPU: leave it the rest (a scorer that needs more fails
+        # with cause "memory" and is run again alone).
+        torch.cuda.set_per_process_memory_fraction(memory_fraction)
     watchdog = threading.Timer(limit, out_of_time)
     watchdog.daemon = True
     watchdog.start()
@@ -1660,11 +1685,12 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
         watchdog.cancel()
         print(f"prepare.py score: error: {e}", file=sys.stderr)
         return 2
-    except MemoryError:
-        result = invalid("the scorer ran out of memory on this model")
     except Exception as e:                         # Invalid, or anything a crafted file provokes
-        result = invalid(str(e) if isinstance(e, Invalid)
-                         else f"scorer error: {type(e).__name__}: {str(e)[:200]}")
+        if out_of_memory(e):
+            result = invalid("the scorer ran out of memory on this model", "memory")
+        else:
+            result = invalid(str(e) if isinstance(e, Invalid)
+                             else f"scorer error: {type(e).__name__}: {str(e)[:200]}")
     watchdog.cancel()
     finish(result)
     return 0

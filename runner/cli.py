@@ -330,6 +330,11 @@ def trial(train_py: Path, budget: int | None, backend: str, gpu: str | None,
 @click.option("--compile-cache/--no-compile-cache", default=True, show_default=True,
               help="Start each trial on a private copy of the kept line's torch.compile cache "
               "(runs/<tag>/compile-cache; only a kept commit's cache replaces it).")
+@click.option("--overlap-scoring/--no-overlap-scoring", default=None,
+              help="Start a slot's next trial while the last one is scored on the same GPU (the "
+              "scorer then uses at most 20% of its memory; a scoring that fails for memory or "
+              "time is done again alone). Default: on for GPU slots on this machine, off on CPU "
+              "slots and on a cluster.")
 @click.option("--memory", type=float, default=None, metavar="GB",
               help="RAM limit per trial (default: 3/4 of the machine that runs it, split between its slots).")
 @click.option("--cpus", type=float, default=None,
@@ -349,7 +354,7 @@ def overnight(tag: str | None, agent: str | None, agent_command: str | None,
               keep_rule: str, min_delta: float, noise_runs: int, same_seed_runs: int,
               alpha: float, max_runs: int, rerun_share: float, futility: float, noise_k: float,
               remeasure_noise: bool, confirm: bool, seed: int, compile_cache: bool,
-              memory: float | None,
+              overlap_scoring: bool | None, memory: float | None,
               cpus: float | None, eval_tokens: int | None, track: tuple[str, ...]) -> None:
     """Run experiments until a limit is reached (or Ctrl-C; the same command resumes).
 
@@ -448,7 +453,7 @@ def overnight(tag: str | None, agent: str | None, agent_command: str | None,
                      same_seed_runs=same_seed_runs, alpha=alpha, max_runs=max_runs,
                      rerun_share=rerun_share, futility=futility, noise_k=noise_k,
                      remeasure_noise=remeasure_noise, confirm=confirm, seed=seed,
-                     compile_cache=compile_cache,
+                     compile_cache=compile_cache, overlap_scoring=overlap_scoring,
                      gpus=slot_gpus, limits=limit_request(memory, cpus, share=share),
                      eval_tokens=eval_tokens, executor=executor, track=tuple(track),
                      agent_options=agent_options)

@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from runner.record import Record
-from runner.sandbox import (Backend, InfrastructureError, LimitRequest, Limits, Log, Machine,
-                            TrialSpec, get_backend)
+from runner.sandbox import (ALONE, Backend, InfrastructureError, Lane, LimitRequest, Limits,
+                            Log, Machine, TrialSpec, get_backend)
 
 RAY_CLIENT_PORT = 10001          # `ray start --head` default for the Ray Client server
 RAY_GCS_PORT = 6379              # `ray start --head` default for the GCS
@@ -453,7 +453,9 @@ class ClusterTrials:
         self._lock = threading.Lock()
         self._in_flight: dict[int, Any] = {}
 
-    def run(self, spec: TrialSpec, log: Log = lambda _: None, **record_fields: Any) -> Record:
+    def run(self, spec: TrialSpec, log: Log = lambda _: None, lane: Lane = ALONE,
+            **record_fields: Any) -> Record:
+        # A trial on a node is scored alone: `lane` is never told, and the slot waits for it.
         ref = submit_trial(spec, self.backend, record_fields, self.num_gpus, self.num_cpus)
         with self._lock:
             self._in_flight[id(ref)] = ref

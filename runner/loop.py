@@ -23,6 +23,15 @@ was proposed on an older best replaces the whole train.py (its file is committed
 branch). Every record says which rule decided it (`decision`), and with the sequential rule
 carries its runs and the test's figures (`runs`, `mean_bpb`, `test`).
 
+**Scoring beside the next trial.** With `overlap_scoring` (on by default for local GPU slots)
+a slot starts its next trial as soon as the candidate is frozen and killed, while the trusted
+scorer still runs on the same GPU (at most `runner.sandbox.base.SHARED_SCORER_MEMORY` of its
+memory): the slot's time goes to training, not to waiting for the score. One trial is scored
+at a time per slot (the next waits, holding its slot, if its own training ends first); a
+scoring that failed for memory or time is done again alone (`SlotLane.alone`), a model's own
+verdicts never. The next candidate is proposed before this score is known, as with several
+slots. CPU slots share one lane, and the machine's cores: it is off there unless asked for.
+
 **Compile cache.** Every trial starts on a private copy of the run's torch.compile cache
 (`runs/<tag>/compile-cache`) and a scored one leaves its own in `runs/<tag>/trial-caches/`;
 after the verdict, a keep's (the baseline's too) becomes the run's (`runner.sandbox.cache.promote`)
@@ -39,13 +48,14 @@ nothing.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from runner import decide, record
 from runner.agents import History, Propose, make_agent, memory
@@ -53,7 +63,7 @@ from runner.ledger import Ledger
 from runner.paths import DEFAULT_BUDGET, PROGRAM_MD, REPO_ROOT, RUNS_DIR
 from runner.record import KEEP, Record
 from runner.repo import RunRepo, check_tag, open_run
-from runner.sandbox import InfrastructureError, LimitRequest, Limits, TrialSpec, cache
+from runner.sandbox import InfrastructureError, Lane, LimitRequest, Limits, TrialSpec, cache
 from runner.trial import Executor, LocalTrials
 
 MAX_FAILED_PROPOSALS = 10          # in a row: the agent or its server is broken, stop
@@ -92,6 +102,8 @@ class LoopConfig:
     executor: Executor = field(default_factory=LocalTrials)   # where trials run
     track: tuple[str, ...] = ()           # trackers that get a copy of every record (tracking.py)
     compile_cache: bool = True            # trials start on the kept line's torch.compile cache
+    overlap_scoring: bool | None = None   # the next trial trains while one is scored (None:
+                                          # on for local GPU slots)
 
     def __post_init__(self) -> None:
         # CPU slots of a local run share this machine: split it between them.
@@ -145,7 +157,70 @@ class Candidate:
         return self.seed + len(self.runs)
 
 
-Running = tuple[Candidate, "str | None"]   # its slot
+class Slot:
+    """What the trials of one slot share: how many train on it now, whether one is being
+    scored alone, and its scoring lane (one trial scored at a time)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.training = 0
+        self.exclusive = False
+        self.scoring = threading.Semaphore(1)
+
+
+class SlotLane(Lane):
+    """A trial's place on its slot when scoring overlaps the next trial (`runner.sandbox.Lane`).
+    In the slot's thread: `begin()` before the trial, `close()` after it, whatever happened."""
+
+    shared = True
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+        self.freed: cf.Future = cf.Future()  # done: the slot may start its next trial
+        self.training = self.scoring = False
+
+    def begin(self) -> None:
+        slot = self.slot
+        with slot.cond:                      # not while a trial before is scored alone
+            slot.cond.wait_for(lambda: not slot.exclusive)
+            slot.training += 1
+            self.training = True
+
+    def trained(self) -> None:
+        self.stop_training()
+        if not self.scoring:
+            self.slot.scoring.acquire()      # the slot's trial before is scored first
+            self.scoring = True
+            self.freed.set_result(None)
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        slot = self.slot
+        with slot.cond:
+            slot.cond.wait_for(lambda: slot.training == 0 and not slot.exclusive)
+            slot.exclusive = True
+        try:
+            yield
+        finally:
+            with slot.cond:
+                slot.exclusive = False
+                slot.cond.notify_all()
+
+    def stop_training(self) -> None:
+        with self.slot.cond:
+            if self.training:
+                self.training = False
+                self.slot.training -= 1
+                self.slot.cond.notify_all()
+
+    def close(self) -> None:
+        self.stop_training()
+        if self.scoring:
+            self.scoring = False
+            self.slot.scoring.release()
+
+
+Running = tuple[Candidate, "str | None", "SlotLane | None"]   # its slot, its lane if shared
 
 
 def parse_until(text: str, now: datetime | None = None) -> datetime:
@@ -256,7 +331,13 @@ class Overnight:
         self.ready: list[Candidate] = []                # proposed, waiting for a slot
         self.free: list[str | None] = list(cfg.gpus)    # idle slots
         self.running: dict[cf.Future, Running] = {}
-        self.deferred: list[tuple[Candidate, str | None]] = []   # finished while measuring
+        self.overlap = (cfg.overlap_scoring if cfg.overlap_scoring is not None
+                        else isinstance(self.executor, LocalTrials)
+                        and self.executor.uses_gpu(cfg.gpus[0]))
+        self.lanes = {gpu: Slot() for gpu in cfg.gpus}  # CPU slots (None) share one
+        self.freeing: dict[cf.Future, str | None] = {}   # a lane's `freed` -> its slot
+        self.deferred: list[tuple[Candidate, str | None, bool]] = []   # finished while measuring
+                                                        # (and whether it holds its slot)
         self.proposing: cf.Future | None = None
         self.failed_in_a_row = 0
         self.why: str | None = None
@@ -358,8 +439,9 @@ class Overnight:
         return Candidate(number, commit, parent, description, text=proposal.train_py, llm=llm,
                          seed=cfg.seed)
 
-    def train(self, c: Candidate, gpu: str | None) -> Record:
-        """In a slot's thread: one trial of `c` (after its first: a rerun with the next seed)."""
+    def train(self, c: Candidate, gpu: str | None, lane: SlotLane | None = None) -> Record:
+        """In a slot's thread: one trial of `c` (after its first: a rerun with the next seed);
+        with a `lane`, the slot is handed on when its training is over (`SlotLane`)."""
         cfg = self.cfg
         seed = c.next_seed
         path = self.work / f"{c.number}-{seed}" / "train.py"
@@ -374,9 +456,14 @@ class Overnight:
             spec = dataclasses.replace(spec, cache_from=self.compile_cache,
                                        cache_to=self.trial_cache(c.number, seed))
         try:
+            if lane is not None:
+                lane.begin()
+            shared = {"lane": lane} if lane is not None else {}
             return self.executor.run(spec, log=self.log, description=c.description,
-                                     commit=c.commit, parent=c.parent, llm=c.llm)
+                                     commit=c.commit, parent=c.parent, llm=c.llm, **shared)
         finally:
+            if lane is not None:
+                lane.close()
             path.unlink(missing_ok=True)
             path.parent.rmdir()
 
@@ -403,7 +490,7 @@ class Overnight:
         if verdict.action == decide.RERUN:
             self.state.running[c.number] = f"{c.description} (run {len(c.runs) + 1})"
             if held:
-                self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu)
+                self.start_trial(c, gpu, rerun=True)
                 return
             self.ready.insert(0, c)
         else:
@@ -415,7 +502,7 @@ class Overnight:
         """Whether one more run of `c` keeps reruns within `rerun_share` of the trial time."""
         with self.lock:
             reruns, total = decide.rerun_share(self.ledger.records)
-        for other, _ in self.running.values():
+        for other, _, _ in self.running.values():
             total += sum(float(r.get("wall_seconds") or 0.0) for r in other.runs)
         total += sum(float(r.get("wall_seconds") or 0.0) for r in c.runs)
         reruns += sum(float(r.get("wall_seconds") or 0.0) for r in c.runs[1:])
@@ -571,8 +658,8 @@ class Overnight:
             return
         self.update_best()
         while self.deferred and not self.measuring:     # a keep may start a remeasurement
-            c, gpu = self.deferred.pop(0)
-            self.settle(c, gpu, held=self.holds_slot())
+            c, gpu, held = self.deferred.pop(0)
+            self.settle(c, gpu, held=held)
 
     def holds_slot(self) -> bool:
         """Whether a candidate that finished while the noise was measured keeps its slot for a
@@ -584,7 +671,8 @@ class Overnight:
     def run(self) -> Ledger:
         """Schedule the steps until a limit is reached; then write the report."""
         self.start()
-        self.slots = cf.ThreadPoolExecutor(max_workers=len(self.cfg.gpus), thread_name_prefix="slot")
+        workers = len(self.cfg.gpus) * (2 if self.overlap else 1)   # training + scoring
+        self.slots = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slot")
         self.agent_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
         clean_exit = False
         try:
@@ -627,25 +715,33 @@ class Overnight:
                                                             or (enough and not self.ready)):
             self.why = self.why or f"reached --max-experiments {cfg.max_experiments}"
             return False
-        waiting = list(self.running) + ([self.proposing] if self.proposing else [])
+        waiting = (list(self.running) + list(self.freeing)
+                   + ([self.proposing] if self.proposing else []))
         done, _ = cf.wait(waiting, timeout=1.0, return_when=cf.FIRST_COMPLETED)
         for future in done:
             if future is self.proposing:
                 self.proposing = None
                 self.proposed(future.result())
+            elif future in self.freeing:            # trained, now scored: the slot is free
+                self.free.append(self.freeing.pop(future))
             else:
                 self.trained(future)
         self.observe(self.state)
         return True
 
-    def start_trial(self, c: Candidate, gpu: str | None) -> None:
-        self.state.running[c.number] = c.description
-        if c.role == "candidate":
-            self.state.enter("training", c.number)
-        else:
-            self.state.enter("measuring noise" if self.cfg.noise_runs > 1 else "baseline", c.number)
-        self.observe(self.state)
-        self.running[self.slots.submit(self.train, c, gpu)] = (c, gpu)
+    def start_trial(self, c: Candidate, gpu: str | None, rerun: bool = False) -> None:
+        if not rerun:
+            self.state.running[c.number] = c.description
+            if c.role == "candidate":
+                self.state.enter("training", c.number)
+            else:
+                self.state.enter("measuring noise" if self.cfg.noise_runs > 1 else "baseline",
+                                 c.number)
+            self.observe(self.state)
+        lane = SlotLane(self.lanes[gpu]) if self.overlap else None
+        if lane is not None:
+            self.freeing[lane.freed] = gpu
+        self.running[self.slots.submit(self.train, c, gpu, lane)] = (c, gpu, lane)
 
     def proposed(self, c: Candidate) -> None:
         if c.commit is None:
@@ -656,20 +752,25 @@ class Overnight:
             self.ready.append(c)
 
     def trained(self, future: cf.Future) -> None:
-        c, gpu = self.running.pop(future)
+        c, gpu, lane = self.running.pop(future)
+        handed_on = lane is not None and lane.freed.done()   # the slot went on without it
+        if lane is not None and not handed_on:
+            self.freeing.pop(lane.freed, None)
         rec = future.result()
         if c.role != "candidate":
-            self.free.append(gpu)
+            if not handed_on:
+                self.free.append(gpu)
             self.measured(c, rec)
             return
         c = dataclasses.replace(c, runs=c.runs + [rec])
         if self.measuring:
-            self.deferred.append((c, gpu))
+            held = self.holds_slot() and not handed_on
+            self.deferred.append((c, gpu, held))
             self.state.running.pop(c.number, None)
-            if not self.holds_slot():
+            if not held and not handed_on:
                 self.free.append(gpu)
         else:
-            self.settle(c, gpu, held=True)
+            self.settle(c, gpu, held=not handed_on)
 
     def write_report(self) -> None:
         """progress.png and report.html; a failure is logged (the ledger is whole)."""

@@ -24,9 +24,10 @@ from typing import Any, TypedDict
 from runner.paths import PREPARE_PY
 from runner.sandbox import Outcome, TrialSpec, reported_numbers
 
-VERSION = 4                        # 2: `limits` (as resolved where the trial ran); 3: the
+VERSION = 5                        # 2: `limits` (as resolved where the trial ran); 3: the
                                    # runner's `training_seconds` (train.py's is `reported_...`);
-                                   # 4: `compile_cache` (older records: not known)
+                                   # 4: `compile_cache` (older records: not known); 5: `scoring`,
+                                   # `slot_seconds` (older: scored alone, slot = wall)
 
 OK = "ok"
 KEEP, DISCARD = "keep", "discard"
@@ -62,6 +63,8 @@ class Record(TypedDict, total=False):
     stopped_at_deadline: bool        # frozen and killed when the budget ran out
     phases: dict[str, float]         # wall seconds: propose, build, train, score, ...
     wall_seconds: float
+    slot_seconds: float              # wall seconds until its slot could start the next trial
+    scoring: str                     # alone | shared | rescored alone (...) (runner.sandbox.Lane)
     started_at: str
     backend: str
     budget: int
@@ -140,6 +143,9 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
         "stopped_at_deadline": outcome.stopped_at_deadline,
         "phases": {k: round(v, 3) for k, v in outcome.phases.items()},
         "wall_seconds": round(wall, 3),
+        "slot_seconds": (round(outcome.slot_seconds, 3) if outcome.slot_seconds is not None
+                         and outcome.scoring != "alone" else round(wall, 3)),
+        "scoring": outcome.scoring,
         "started_at": now_iso(started),
         "backend": backend,
         "budget": spec.budget,

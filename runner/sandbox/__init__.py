@@ -18,8 +18,8 @@ from a sandbox (the scorer's result, the candidate's output) is read in one plac
 
 from __future__ import annotations
 
-from runner.sandbox.base import (TRAINING_FILES, Backend, InfrastructureError, Log, Outcome,
-                                 TrialSpec, training_view)
+from runner.sandbox.base import (ALONE, TRAINING_FILES, Backend, InfrastructureError, Lane, Log,
+                                 Outcome, TrialSpec, training_view)
 from runner.sandbox.limits import LimitRequest, Limits, Machine, default_limits, resolve
 from runner.sandbox.output import (apply_score, classify_exit, escape_log, escape_text,
                                    parse_score, parse_summary, reported_numbers)
@@ -38,7 +38,7 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown backend {name!r}: use {' or '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "TRAINING_FILES", "Backend", "InfrastructureError", "LimitRequest",
+__all__ = ["ALONE", "BACKENDS", "TRAINING_FILES", "Lane", "Backend", "InfrastructureError", "LimitRequest",
            "Limits", "Log", "Machine", "Outcome", "TrialSpec", "apply_score", "classify_exit",
            "default_limits", "escape_log", "escape_text", "get_backend", "parse_score",
            "parse_summary", "reported_numbers", "resolve", "training_view"]

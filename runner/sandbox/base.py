@@ -3,10 +3,11 @@ error that means "not the candidate's fault"."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from runner.sandbox.limits import LimitRequest, Limits
 
@@ -71,9 +72,60 @@ class Outcome:
     gpu: dict[str, Any] = field(default_factory=dict)   # NVML summary of the train phase
     compile_cache: dict[str, Any] = field(default_factory=dict)   # cold or warm, bytes
     backend: str = ""
+    scoring: str = "alone"                              # or shared, rescored alone (`Lane`)
+    slot_seconds: float | None = None                   # wall seconds until the slot was free
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Lane:
+    """A trial's place on its slot (a GPU), as the backend sees it. This one, `ALONE`, holds the
+    slot from build to clean-up: the trial is scored alone, the slot waits for it.
+
+    The loop's lanes (`runner.loop.SlotLane`) are `shared`: at `trained()` (the candidate is
+    frozen and killed, its GPU memory given back) the slot starts its next trial while this one
+    is scored, so the scorer shares the GPU with the next candidate's first seconds. Then the
+    scorer may use at most `SHARED_SCORER_MEMORY` of the GPU's memory, and a scoring that ran
+    out of memory or time is done again `alone()`: once nothing trains on the slot. A model's
+    own verdicts (not causal, not pure, a bad file) are never retried: a second draw of the
+    scorer's random cuts would be a second chance."""
+
+    shared = False
+
+    def trained(self) -> None:
+        """Training is over: the slot may start its next trial (shared lanes)."""
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        """Wait until nothing trains on the slot, and keep it so until the block ends."""
+        yield
+
+
+ALONE = Lane()
+SHARED_SCORER_MEMORY = 0.2      # share of the GPU's memory a scorer may use beside a candidate
+RETRY_CAUSES = ("memory", "time")   # the scorer's `cause` of a failure a co-tenant may explain
+
+
+def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | None], None]
+                  ) -> None:
+    """Score through `score_once(memory_fraction)` (None: no cap): shared with the slot's next
+    trial when the lane is shared, again alone when that failed for memory or time."""
+    if not lane.shared:
+        score_once(None)
+        return
+    outcome.scoring = "shared"
+    score_once(SHARED_SCORER_MEMORY)
+    cause = outcome.score.get("cause")
+    if outcome.status != "invalid" or cause not in RETRY_CAUSES:
+        return
+    t = time.perf_counter()
+    with lane.alone():
+        outcome.phases["score_wait"] = time.perf_counter() - t
+        first = outcome.reason
+        outcome.status, outcome.reason, outcome.score = "crash", "", {}
+        score_once(None)
+    outcome.scoring = f"rescored alone (shared: {first})"[:300]
 
 
 class InfrastructureError(RuntimeError):
@@ -97,8 +149,9 @@ def _as_it_is(spec: TrialSpec) -> TrialSpec:
 class Backend:
     """How a trial runs on this machine, with its lifecycle:
 
-    - `run(spec, log) -> Outcome`: build, train and score one candidate (its `spec.limits`
-      already resolved); a candidate's failure is an Outcome, InfrastructureError is not;
+    - `run(spec, log, lane) -> Outcome`: build, train and score one candidate (its
+      `spec.limits` already resolved), telling `lane` when training is over and scoring
+      through `score_in_lane`; a candidate's failure is an Outcome, InfrastructureError is not;
     - `sweep_orphans(log) -> int`: remove what runners that are gone left behind (at start);
     - `abort(run) -> int`: stop this process's trials of `run` at once, from another thread
       (Ctrl-C): each trial's `run` then returns or raises soon and cleans up after itself;
@@ -107,7 +160,7 @@ class Backend:
     """
 
     name: str
-    run: Callable[[TrialSpec, Log], Outcome]
+    run: Callable[[TrialSpec, Log, Lane], Outcome]
     sweep_orphans: Callable[[Log], int] = _none_swept
     abort: Callable[[str], int] = _none_aborted
     pin: Callable[[TrialSpec], TrialSpec] = _as_it_is

@@ -52,8 +52,8 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import cache, images
-from runner.sandbox.base import (Backend, InfrastructureError, Log, Outcome, TrialSpec,
-                                 deadline_env, training_view)
+from runner.sandbox.base import (ALONE, Backend, InfrastructureError, Lane, Log, Outcome,
+                                 TrialSpec, deadline_env, score_in_lane, training_view)
 from runner.sandbox.output import (apply_score, classify_exit, escape_line, escape_log,
                                    parse_summary)
 
@@ -399,7 +399,45 @@ def engine_time(container, key: str) -> float | None:
         return None
 
 
-def run(spec: TrialSpec, log: Log) -> Outcome:
+def score(cli, spec: TrialSpec, base: str, volume, suffix: str, common: dict[str, Any],
+          containers: list, outcome: Outcome, memory_fraction: float | None) -> None:
+    """Run the trusted scorer on the output volume (read-only), in its own container from the
+    base image, with at most `memory_fraction` of the GPU's memory when given."""
+    lim = spec.fixed_limits
+    score_env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if spec.eval_tokens:
+        score_env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
+    cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
+    scorer = cli.containers.create(
+        base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"] + cap,
+        name=f"ar-score-{suffix}-{len(containers)}", environment=score_env,
+        mounts=[ro(PREPARE_PY, "/app/prepare.py"), ro(spec.data_dir, "/data")],
+        volumes={volume.name: {"bind": "/model", "mode": "ro"}},
+        tmpfs={"/tmp": "size=1g,mode=1777"},
+        mem_limit=lim.score_memory_bytes, memswap_limit=lim.score_memory_bytes,
+        nano_cpus=int(lim.cpus * 1e9), pids_limit=lim.pids,
+        device_requests=gpu_request(spec), **common)
+    containers.append(scorer)
+    scorer.start()
+    try:
+        score_exit = scorer.wait(timeout=lim.score_timeout_s)["StatusCode"]
+    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+        scorer.kill()
+        outcome.status, outcome.reason = "invalid", "scoring timed out"
+        outcome.score = {"status": "invalid", "reason": outcome.reason, "cause": "time"}
+        return
+    scorer.reload()
+    if (inside := inside_seconds(scorer)) is not None:
+        outcome.phases["score_inside"] = inside
+    if scorer.attrs["State"].get("OOMKilled") and score_exit != 2:
+        outcome.status, outcome.reason = "invalid", "the scorer ran out of memory on this model"
+        outcome.score = {"status": "invalid", "reason": outcome.reason, "cause": "memory"}
+        return
+    apply_score(outcome, score_exit, bounded_logs(scorer, 64 * 1024, stderr=False),
+                bounded_logs(scorer, 2000, stdout=False))
+
+
+def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
     cli = images.client()
     base = spec.base_image or images.default_base_tag()
     if not images.base_exists(base, cli):
@@ -502,41 +540,23 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
         if stopped and not stop_.frozen:
             status, reason = "timeout", UNFROZEN
         outcome.status, outcome.reason = status, reason
+        try:
+            train.remove(force=True)                  # its GPU memory is given back ...
+            containers.remove(train)
+        except docker.errors.APIError as e:           # dead already; clean-up tries again
+            log(f"warning: could not remove {train.name} yet: {e}")
+        lane.trained()                                # ... and the slot may start the next
+        outcome.slot_seconds = time.perf_counter() - t0
         if status != "ok":
             return outcome
 
         # ---- score (trusted) ----
         t3 = time.perf_counter()
-        score_env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        if spec.eval_tokens:
-            score_env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
-        scorer = cli.containers.create(
-            base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"],
-            name=f"ar-score-{suffix}", environment=score_env,
-            mounts=[ro(PREPARE_PY, "/app/prepare.py"), ro(spec.data_dir, "/data")],
-            volumes={volume.name: {"bind": "/model", "mode": "ro"}},
-            tmpfs={"/tmp": "size=1g,mode=1777"},
-            mem_limit=lim.score_memory_bytes, memswap_limit=lim.score_memory_bytes,
-            nano_cpus=int(lim.cpus * 1e9), pids_limit=lim.pids,
-            device_requests=gpu_request(spec), **common)
-        containers.append(scorer)
-        scorer.start()
         try:
-            score_exit = scorer.wait(timeout=lim.score_timeout_s)["StatusCode"]
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            scorer.kill()
-            outcome.status, outcome.reason = "invalid", "scoring timed out"
-            return outcome
+            score_in_lane(lane, outcome, lambda cap: score(cli, spec, base, volume, suffix, common,
+                                                             containers, outcome, cap))
         finally:
             phases["score"] = time.perf_counter() - t3
-        scorer.reload()
-        if (inside := inside_seconds(scorer)) is not None:
-            phases["score_inside"] = inside
-        if scorer.attrs["State"].get("OOMKilled") and score_exit != 2:
-            outcome.status, outcome.reason = "invalid", "the scorer ran out of memory on this model"
-            return outcome
-        apply_score(outcome, score_exit, bounded_logs(scorer, 64 * 1024, stderr=False),
-                    bounded_logs(scorer, 2000, stdout=False))
 
         # ---- copy out ----
         if spec.artifact_dir is not None:

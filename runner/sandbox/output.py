@@ -26,6 +26,7 @@ SCORE_FIELDS = {
     "val_bpb": "number", "uniform_bpb": "number", "seconds": "number",
     "load_seconds": "number", "check_seconds": "number",
     "tokens": "count", "bytes": "count", "causal_checks": "count",
+    "cause": "word",                  # of an invalid result: "memory" or "time" (may be retried)
 }
 SCORE_STATUSES = ("ok", "invalid")
 TEXT_LIMIT = {"status": 16, "text": 500, "word": 32}

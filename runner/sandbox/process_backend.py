@@ -50,7 +50,8 @@ from pathlib import Path
 from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import cache
-from runner.sandbox.base import Backend, Log, Outcome, TrialSpec, deadline_env, training_view
+from runner.sandbox.base import (ALONE, Backend, Lane, Log, Outcome, TrialSpec, deadline_env,
+                                 score_in_lane, training_view)
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 WARNING = ("WARNING: the process backend is NOT a sandbox and isolates nothing: train.py runs "
@@ -374,17 +375,20 @@ def read_some(fd: int) -> bytes | None:
         return b""
 
 
-def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: list) -> None:
-    """Run the trusted scorer on `model` (a copy the candidate cannot reach any more)."""
+def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: list,
+          memory_fraction: float | None = None) -> None:
+    """Run the trusted scorer on `model` (a copy the candidate cannot reach any more), with at
+    most `memory_fraction` of the GPU's memory when given."""
     lim = spec.fixed_limits
     env = build_env(folder, spec.gpu)
     if spec.eval_tokens:
         env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
+    cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
     out_path, err_path = folder / "score.out", folder / "score.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = launch([sys.executable, "-I", str(PREPARE_PY), "score", "--model", str(model),
                        "--data-dir", str(Path(spec.data_dir).resolve()),
-                       "--device", "cuda" if spec.gpu else "cpu"],
+                       "--device", "cuda" if spec.gpu else "cpu"] + cap,
                       folder, env, rlimits_for(lim.score_memory_bytes, spec.gpu, lim.out_bytes),
                       out, err)
     procs.append(proc)
@@ -399,6 +403,7 @@ def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: l
     returncode = proc.wait(timeout=30)
     if timed_out:
         outcome.status, outcome.reason = "invalid", "scoring timed out"
+        outcome.score = {"status": "invalid", "reason": outcome.reason, "cause": "time"}
         return
     stdout = tail_of(out_path, SCORE_OUT_BYTES)
     stderr = tail_of(err_path, SCORE_ERR_BYTES)
@@ -415,7 +420,7 @@ def tail_of(path: Path, limit: int) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
-def run(spec: TrialSpec, log: Log) -> Outcome:
+def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
     warn(log)
     training = training_view(Path(spec.data_dir))
     lim = spec.fixed_limits
@@ -454,6 +459,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
             gpu_sampler.stop()
             outcome.gpu = gpu_sampler.summary()
             phases["train"] = time.perf_counter() - t1
+        lane.trained()                            # its processes are dead: the slot is free
+        outcome.slot_seconds = time.perf_counter() - t0
         if outcome.status != "ok":
             return outcome
 
@@ -468,7 +475,8 @@ def run(spec: TrialSpec, log: Log) -> Outcome:
                                                         f"most {lim.out_bytes} bytes"
             return outcome
         try:
-            score(spec, model, scoring, outcome, procs)
+            score_in_lane(lane, outcome,
+                          lambda cap: score(spec, model, scoring, outcome, procs, cap))
         finally:
             phases["score"] = time.perf_counter() - t2
 
