@@ -9,6 +9,11 @@
 #                                      # pysource (60 s budgets, no trial started after
 #                                      # PY_MINUTES); GPU 1 the same on shakespeare (SH_MINUTES),
 #                                      # then one 300 s pysource baseline trial; all start warm
+#   bash bench/gpu_lease.sh warm2      # issue 11's overlap: one 50 s pysource baseline per GPU, cold
+#   bash bench/gpu_lease.sh overlap    # background, side by side on pysource at 60 s budgets for
+#                                      # MINUTES: GPU 0 scores beside the next trial, GPU 1 alone;
+#                                      # then GPU 0 one 300 s baseline (beside), GPU 1
+#                                      # bench/overlap_check.py (a memory hog beside the scorer)
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -35,6 +40,23 @@ warm)
         --same-seed-runs 0 --out $W/warm1 > $W/warm1.log 2>&1 &
     wait; grep -h -A12 'where slot time went\|slot' $W/warm0/results.md | head -20
     ls -d $W/warm*/*/compile-cache ;;
+warm2)
+    for g in 0 1; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
+        --noise-runs 1 --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
+    wait; ls -d $W/warm*/*/compile-cache ;;
+overlap)
+    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
+        --minutes ${MINUTES:-5} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
+        --out $W/yield-beside > $W/yield-beside.log 2>&1;
+        $Y --data pysource=$W/data/pysource --gpus 0 --budget 300 --minutes 0.01 --noise-runs 1 \
+        --same-seed-runs 0 --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
+        --out $W/long > $W/long.log 2>&1" < /dev/null > /dev/null 2>&1 &
+    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 1 --budget 60 \
+        --minutes ${MINUTES:-5} --cache-from $W/warm1/pysource/compile-cache --no-overlap-scoring \
+        --out $W/yield-alone > $W/yield-alone.log 2>&1;
+        python bench/overlap_check.py --data $W/data/shakespeare --gpu 1 > $W/hog.log 2>&1" \
+        < /dev/null > /dev/null 2>&1 &
+    sleep 3; tail -n 2 $W/yield-*.log ;;
 yield)
     setsid nohup $Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
         --minutes "${PY_MINUTES:-8.5}" --cache-from $W/warm0/pysource/compile-cache \
@@ -48,9 +70,9 @@ yield)
     sleep 3; tail -n 2 $W/yield-*.log ;;
 wait)
     end=$((SECONDS + $2))
-    while [ $SECONDS -lt $end ] && pgrep -f bench/research_yield.py > /dev/null; do sleep 30
-        for f in $W/yield-*.log $W/long.log; do [ -f $f ] && echo "$(date +%T) $f: $(tail -n 1 $f | cut -c1-150)"; done; done
-    pgrep -f bench/research_yield.py > /dev/null && echo "still running" || echo "all done" ;;
+    while [ $SECONDS -lt $end ] && pgrep -f "bench/research_yield.py|bench/overlap_check.py" > /dev/null; do sleep 20
+        for f in $W/yield-*.log $W/long.log $W/hog.log; do [ -f $f ] && echo "$(date +%T) $f: $(tail -n 1 $f | cut -c1-150)"; done; done
+    pgrep -f "bench/research_yield.py|bench/overlap_check.py" > /dev/null && echo "still running" || echo "all done" ;;
 collect)
     mkdir -p $OUT
     cp $W/*.log $OUT/ 2>/dev/null

@@ -98,7 +98,8 @@ def run_one(name: str, data: Path, gpus: list[str | None], args: argparse.Namesp
                      gpus=list(gpus), limits=default_limits(share=len(gpus)), seed=args.seed,
                      executor=LocalTrials("process"), noise_runs=args.noise_runs,
                      same_seed_runs=args.same_seed_runs, alpha=args.alpha,
-                     rerun_share=args.rerun_share, eval_tokens=args.eval_tokens)
+                     rerun_share=args.rerun_share, eval_tokens=args.eval_tokens,
+                     overlap_scoring=args.overlap_scoring)
     cache_dir = cfg.runs_dir / cfg.tag / "compile-cache"     # the kept line's (runner.loop)
     if args.cache_from is not None:                           # start warm: another run's cache
         if args.cache_from.is_dir():
@@ -194,6 +195,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=decide.ALPHA)
     ap.add_argument("--rerun-share", type=float, default=decide.RERUN_SHARE)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overlap-scoring", action=argparse.BooleanOptionalAction, default=None,
+                    help="score beside the next trial (default: the loop's, on for GPU slots)")
     ap.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="keep each data set's ledger, the Markdown and every record here")
     ap.add_argument("--json", type=Path, default=None)

@@ -14,8 +14,9 @@ are in the ledger only as their seconds, so they count in the run's totals, not 
   candidate says, not the runner's measure; good enough for where the time goes.
 - **train**, **score**, **build**: the runner's phase seconds (`phases`); train is the whole
   training process on the runner's clock (start-up, steps, holdout checks, export).
-- **slot**: the runner's wall seconds of the trial (`wall_seconds`: build, train, score, clean
-  up), the time its slot was taken.
+- **slot**: the seconds its slot was taken: `slot_seconds` (from the start to the moment the
+  slot could start its next trial: with scoring beside the next trial, when the candidate was
+  frozen and killed; records before it: `wall_seconds`, build, train, score, clean up).
 - **share** = steps / slot: the share of the slot's wall time spent in training steps.
 
 Rows are grouped by the compile cache the trial started with (the record's `compile_cache`:
@@ -70,7 +71,7 @@ def trial_figures(rec: Mapping[str, Any]) -> dict[str, Any]:
     steps = _num(rec.get("reported_training_seconds"))
     if steps is None:
         steps = _num(summary.get("training_seconds"))
-    slot = _num(rec.get("wall_seconds"))
+    slot = _num(rec.get("slot_seconds")) or _num(rec.get("wall_seconds"))
     return {"number": rec.get("number"), "role": rec.get("role") or "candidate",
             "status": rec.get("trial_status") or rec.get("status"), "cache": cache_state(rec),
             "stopped": bool(rec.get("stopped_at_deadline")),
@@ -134,9 +135,10 @@ def markdown(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]], titl
     for name, g in groups.items():
         lines.append(f"| {name} | {g['n']} | {_f(g['median_startup'])} | {_f(g['median_score'])} | "
                      f"{_f(g['median_slot'])} | {_pct(g['median_share'])} | {_pct(g['pooled_share'])} |")
-    lines += ["", "steps: the candidate's reported training window; slot: the runner's wall "
-              "seconds of the trial (build, train, score, clean-up); start-up: train.py's start "
-              "to the end of its first step, as it reports it."]
+    lines += ["", "steps: the candidate's reported training window; slot: the seconds until "
+              "its slot could start the next trial (scored beside the next trial: until it was "
+              "frozen and killed; scored alone: build, train, score, clean-up); start-up: "
+              "train.py's start to the end of its first step, as it reports it."]
     blind = [r for r in rows if r["stopped"] and r["steps"] is None]
     if blind:
         lines += ["", f"Note: {len(blind)} of {len(rows)} trials were stopped at the deadline "

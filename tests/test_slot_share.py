@@ -80,3 +80,12 @@ def test_a_budget_too_small_to_train_is_said():
     assert "| 0 | candidate | ok | cold | - | - | 62.0 | 10.0 | 34.0 | - |" in text
     assert "1 of 2 trials were stopped at the deadline" in text
     assert "were stopped" not in slot_share.markdown(rows[1:], slot_share.summarise(rows[1:]))
+
+
+def test_a_trial_scored_beside_the_next_counts_its_slot_until_it_was_killed():
+    """With scoring beside the next trial the slot is free once the candidate is killed: the
+    share is over `slot_seconds`, not the wall seconds that include the scoring."""
+    shared = dict(trial(1, "warm", 8.0, 50.0, 75.0), slot_seconds=61.0, scoring="shared")
+    row = slot_share.trials([shared])[0]
+    assert row["slot"] == 61.0 and row["share"] == pytest.approx(50.0 / 61.0)
+    assert slot_share.trials([trial(2, "warm", 8.0, 50.0, 75.0)])[0]["slot"] == 75.0
