@@ -9,7 +9,10 @@ How it keeps the rules of program.md:
   compilation, holdout checks and the export all count. At the deadline the runner freezes
   the process and scores the last model.pt2 it saved. So the script plans on
   prepare.time_left(): it saves a fallback model at once (which measures what the last check
-  and export will take), trains until only that margin is left, then saves the best weights.
+  and the final save will take), trains until only that margin is left, then saves the best
+  weights. The final save reuses the fallback's traced program when it still holds the model's
+  own tensors (the best weights are copied into them in place, so it holds them too) and
+  computes what the model computes; otherwise it traces again, and the margin plans for that.
   Every save goes through prepare.save_model (write, then rename: never half a model).
 - The seed is prepare.SEED, which the runner sets per run (noise runs and reruns use other
   seeds): it drives the initialisation and the order of the data.
@@ -82,7 +85,10 @@ COMPILE = True                  # torch.compile the model and loss
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the runner's GPU, if it gave one
 GPU = DEVICE == "cuda"
 TIME_BUDGET = prepare.TIME_BUDGET   # wall seconds, everything counts; the moment: prepare.DEADLINE
-EXPORT_SAFETY = 1.5             # keep this many times the measured last check + export ...
+# The margin kept at the end for the last holdout check and the final save, from the fallback's
+# own timings: the save alone when the final save will reuse the fallback's program (measured
+# on a first call, so on the safe side), the trace and the save when it will not.
+EXPORT_SAFETY = 1.5             # keep this many times the measured last check + final save ...
 EXPORT_SLACK_S = 1.0            # ... plus these seconds, for the runner's own jitter
 PEAK_FLOPS = 989.5e12           # dense bf16 FLOP/s of an H100/H200, for MFU
 PRINT_EVERY_S = 5.0             # seconds between progress lines
@@ -271,7 +277,7 @@ class Muon(torch.optim.Optimizer):
             # Orthogonal updates have unit singular values; tall matrices get a boost
             # so the per-element update size does not shrink with the aspect ratio.
             lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-            for p, u in zip(params, orth):
+            for p, u in zip(params, orth, strict=True):
                 p.add_(u.to(p.dtype), alpha=-lr)
 
 
@@ -379,14 +385,50 @@ dims = {"idx": {0: torch.export.Dim("batch", min=1, max=4096),
 
 
 def export_model():
-    """Export the eager model (not the compiled wrapper) as it is, float32 weights and float32
+    """Trace the eager model (not the compiled wrapper) as it is, float32 weights and float32
     logits: with no casts in the graph the program runs on whatever device it is moved to.
-    Saved atomically, so a process frozen halfway leaves the previous model.pt2 whole."""
+    Traced in eval mode, so dropout is in the graph switched off (train=False), whatever mode
+    the model is in when the program is saved or run."""
     model.eval()
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=dims)
-    prepare.save_model(program, os.path.join(out_dir, "model.pt2"))
     model.train()
+    return program
+
+
+def save(program):
+    # Atomic: a process frozen halfway leaves the previous model.pt2 whole.
+    prepare.save_model(program, os.path.join(out_dir, "model.pt2"))
+
+
+@torch.no_grad()
+def why_not_reusable(program):
+    """None if saving `program` again saves the model as it is now, with no new trace; else why
+    not. torch.export's program holds the model's own parameter and buffer tensors (the same
+    storage, not copies), and the optimizers and load_state_dict write into them in place, so
+    the program follows the weights. Two things break that, checked here each time it matters:
+    a tensor the program carries that is not the model's (a plain tensor attribute, a constant
+    made in forward, a parameter replaced since the trace), and Python state read while tracing
+    (a flag, a size, a float) that has changed since, which only shows in what it computes."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
+    for name, tensor in {**program.state_dict, **program.constants}.items():
+        mine = own.get(name)
+        if not (isinstance(tensor, torch.Tensor) and mine is not None
+                and tensor.data_ptr() == mine.data_ptr() and tensor.device == mine.device
+                and tensor.shape == mine.shape and tensor.stride() == mine.stride()
+                and tensor.dtype == mine.dtype):
+            return f"it carries {name}, not the model's parameter or buffer of that name"
+    # One forward pass of each on the example: cheap, next to a trace.
+    model.eval()
+    try:
+        same = torch.allclose(program.module()(example), model(example), rtol=1e-4, atol=1e-4)
+        why = None if same else "it no longer computes what the model computes"
+    except Exception as e:                # a dtype or shape changed since: the graph no longer fits
+        why = f"it no longer runs on the model's tensors ({type(e).__name__})"
+    finally:
+        model.train()
+    return why
 
 
 budget_start = prepare.DEADLINE - TIME_BUDGET     # when the runner's clock started
@@ -395,19 +437,30 @@ print(f"device: {DEVICE}  params: {num_params / 1e6:.2f}M  vocab: {vocab_size}  
       f"budget: {TIME_BUDGET}s  left: {prepare.time_left():.1f}s", flush=True)
 
 # ---- Fallback ----
-# Check and save the untrained model at once: a model exists whatever happens later, and the
-# two take as long as the last check and export will, which sets the margin kept for them.
+# Check, trace and save the untrained model at once: a model exists whatever happens later,
+# and each step takes as long as it will at the end, which sets the margin kept for the last
+# check and the final save. The program is kept: if it holds the model's own tensors, the final
+# save saves it again (a trace costs seconds on the GPU, more than the save), so the margin
+# counts the trace only when the program cannot be reused.
 
 with torch.no_grad():                    # torch.export's first call pays for its own imports:
     torch.export.export(nn.Linear(2, 2), (torch.zeros(2, 2),))   # once, here, not measured
 t0 = time.time()
 best_loss, best_state, best_at = holdout_loss() if holdout else math.nan, None, 0.0
 t1 = time.time()
-export_model()
-export_seconds = time.time() - t1
-margin = EXPORT_SAFETY * (time.time() - t0) + EXPORT_SLACK_S
-checked = f"holdout loss {best_loss:.4f}, check {t1 - t0:.1f}s" if holdout else "no holdout"
-print(f"fallback saved: {checked}, export {export_seconds:.1f}s, margin {margin:.1f}s, "
+program = export_model()
+t2 = time.time()
+save(program)
+t3 = time.time()
+trace_again = why_not_reusable(program)  # None: the final save will reuse the program
+t4 = time.time()
+check_seconds, trace_seconds, save_seconds = t1 - t0, t2 - t1, t3 - t2
+final_save_seconds = (t4 - t3) + save_seconds + (trace_seconds if trace_again else 0.0)
+margin = EXPORT_SAFETY * (check_seconds + final_save_seconds) + EXPORT_SLACK_S
+checked = f"holdout loss {best_loss:.4f}, check {check_seconds:.2f}s" if holdout else "no holdout"
+final = f"traced again, {trace_again}" if trace_again else "this program saved again"
+print(f"fallback saved: {checked}, trace {trace_seconds:.2f}s, save {save_seconds:.2f}s, "
+      f"reuse check {t4 - t3:.2f}s, margin {margin:.1f}s (final save: {final}), "
       f"left {prepare.time_left():.1f}s", flush=True)
 
 # ---- Training ----
@@ -475,14 +528,23 @@ training_seconds = time.time() - train_start
 
 # ---- Export ----
 # The best weights seen, unless the untrained ones (already saved) were never beaten; with
-# no holdout, the last weights.
+# no holdout, the last weights. load_state_dict copies into the model's tensors in place, so
+# the fallback's program holds the best weights too and is saved again as it is, unless the
+# check, here where it counts, finds that it no longer fits the model: then a full trace.
 
 t_export = time.time()
-if not holdout:
-    export_model()
-elif best_state is not None:
-    model.load_state_dict(best_state)
-    export_model()
+export_reused = 0                        # 1: the fallback's program saved again (0: traced/no save)
+if not holdout or best_state is not None:
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    why = why_not_reusable(program)
+    if why is None:
+        export_reused = 1
+    else:
+        if trace_again is None:          # the margin was kept for the save alone
+            print(f"final save: traced again, {why} (the margin counted no trace)", flush=True)
+        program = export_model()
+    save(program)
 export_seconds = time.time() - t_export
 
 # ---- Summary ----
@@ -507,6 +569,7 @@ summary = {
     "peak_memory_mb": f"{peak_memory_mb:.0f}",
     "depth": DEPTH,
     "export_seconds": f"{export_seconds:.1f}",
+    "export_reused": export_reused,
 }
 if GPU:
     summary["mfu_percent"] = f"{100 * tokens_per_second * flops_per_token / PEAK_FLOPS:.2f}"

@@ -1,9 +1,12 @@
 """target/train.py on CPU with tiny budgets: it trains within its wall-clock budget, exports,
-and the trusted scorer scores the export (it must beat the uniform baseline); the CPU
-configuration is what runs on a CPU and the knobs keep the GPU's values; ideas from
-program.md's list (a new parameter, a bias, another embedding, a fractional MLP ratio, no
-holdout) train without touching the optimizer set-up; settings that cannot work together stop
-with a message; and program.md states the rules train.py keeps."""
+and the trusted scorer scores the export (it must beat the uniform baseline); the final save
+reuses the fallback's traced program, which then holds the trained weights, and traces again
+when that program no longer fits the model (a tensor that is no parameter or buffer, Python
+state changed after the fallback); the CPU configuration is what runs on a CPU and the knobs
+keep the GPU's values; ideas from program.md's list (a new parameter, a bias, another
+embedding, a fractional MLP ratio, no holdout) train without touching the optimizer set-up;
+settings that cannot work together stop with a message; and program.md states the rules
+train.py keeps."""
 
 from __future__ import annotations
 
@@ -47,6 +50,15 @@ def env_for(out: Path, data: Path, budget: int = BUDGET) -> dict:
 def train(path: Path, out: Path, data: Path, budget: int = BUDGET) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(path)], cwd=REPO, env=env_for(out, data, budget),
                           capture_output=True, text=True, timeout=budget + 120)
+
+
+def score(model: Path, data: Path) -> dict:
+    """The trusted scorer's verdict on a saved model."""
+    proc = subprocess.run([sys.executable, str(PREPARE_PY), "score", "--model", str(model),
+                           "--data-dir", str(data), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def summary_of(stdout: str) -> dict[str, str]:
@@ -96,15 +108,87 @@ def test_train_export_and_score(small_data: Path, tmp_path: Path):
     assert int(summary["num_steps"]) > 1
     assert sorted(p.name for p in out.iterdir()) == ["model.pt2"]    # no temporary file left
     assert float(summary["holdout_loss"]) > 0
-    model = out / "model.pt2"
+    # The final save was the fallback's program saved again, as the fallback line planned.
+    assert summary["export_reused"] == "1" and "(final save: this program saved again)" in stdout
 
-    proc = subprocess.run([sys.executable, str(PREPARE_PY), "score", "--model", str(model),
-                           "--data-dir", str(small_data), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    score = json.loads(proc.stdout)
-    assert score["status"] == "ok", score
-    assert score["val_bpb"] < score["uniform_bpb"], score      # learnt something
+    verdict = score(out / "model.pt2", small_data)
+    assert verdict["status"] == "ok", verdict
+    assert verdict["val_bpb"] < verdict["uniform_bpb"], verdict      # learnt something
+
+
+def calls(program, name: str) -> list:
+    return [n for n in program.graph.nodes if n.op == "call_function" and name in str(n.target)]
+
+
+def test_the_reused_program_carries_the_trained_weights(small_data: Path, tmp_path: Path):
+    """The fallback's program saved again at the end holds the best weights, not the untrained
+    ones it was traced with (load_state_dict writes into the tensors it shares with the model),
+    and with dropout on in training it is still saved with dropout off (traced in eval mode)."""
+    fallback = tmp_path / "fallback.pt2"
+    path = variant(
+        tmp_path,
+        ("    DROPOUT = 0.0\n", "    DROPOUT = 0.2\n"),
+        ("# ---- Training ----\n",
+         f"import shutil\nshutil.copy(os.path.join(out_dir, 'model.pt2'), {str(fallback)!r})\n"
+         "# ---- Training ----\n"))
+    out = tmp_path / "out"
+    proc = train(path, out, small_data)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    summary = summary_of(proc.stdout)
+    assert summary["export_reused"] == "1" and int(summary["num_steps"]) > 1, proc.stdout
+    first, last = torch.export.load(fallback), torch.export.load(out / "model.pt2")
+    assert first.state_dict.keys() == last.state_dict.keys()
+    # The output projections start at zero: trained, they are not.
+    for name in ("blocks.0.attn.c_proj.weight", "blocks.1.mlp.c_proj.weight"):
+        assert not first.state_dict[name].any() and last.state_dict[name].any(), name
+    unchanged = [k for k in last.state_dict if torch.equal(first.state_dict[k], last.state_dict[k])]
+    assert unchanged == [], unchanged
+    dropouts = calls(last, "dropout")
+    assert dropouts and all(n.args[2] is False for n in dropouts), [n.args for n in dropouts]
+
+    untrained, trained = score(fallback, small_data), score(out / "model.pt2", small_data)
+    assert untrained["status"] == "ok" and trained["status"] == "ok", (untrained, trained)
+    assert trained["val_bpb"] < untrained["val_bpb"], (untrained, trained)
+
+
+@pytest.mark.parametrize("edits, planned, why", [
+    # A tensor kept as a plain attribute, not a registered buffer, is a constant of the program
+    # that is none of the model's parameters or buffers: seen at the fallback, so the margin
+    # counts a trace.
+    ([("        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n",
+       "        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n"
+       "        self.embed_scale = torch.tensor(1.0)\n"),
+      ("x = norm(self.wte(idx))", "x = norm(self.wte(idx)) * self.embed_scale")],
+     False, "it carries embed_scale, not the model's parameter or buffer of that name"),
+    # Python state read while tracing (here how many blocks run, grown after the first step):
+    # the tensors are the model's, but the graph is the fallback's; seen only at the end.
+    ([("        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n",
+       "        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n"
+       "        self.active = 1\n"),
+      ("        for block in self.blocks:\n            x = block(x, cos, sin)\n",
+       "        for block in self.blocks[: self.active]:\n            x = block(x, cos, sin)\n"),
+      ("        startup_seconds = now - budget_start ",
+       "        model.active = DEPTH\n        startup_seconds = now - budget_start ")],
+     True, "it no longer computes what the model computes"),
+], ids=["plain-tensor-attribute", "python-state-changed"])
+def test_a_program_that_no_longer_fits_is_traced_again(small_data: Path, tmp_path: Path,
+                                                        edits, planned, why):
+    out = tmp_path / "out"
+    proc = train(variant(tmp_path, *edits), out, small_data, budget=20)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    summary = summary_of(proc.stdout)
+    assert summary["export_reused"] == "0" and int(summary["num_steps"]) > 1, proc.stdout
+    fallback_line = next(line for line in proc.stdout.splitlines() if line.startswith("fallback"))
+    if planned:       # the fallback expected to reuse its program; the end found it stale
+        assert "(final save: this program saved again)" in fallback_line
+        assert f"final save: traced again, {why} (the margin counted no trace)" in proc.stdout
+    else:             # seen at the fallback: the margin counts the trace
+        assert "(final save: traced again, " in fallback_line and why in fallback_line
+        assert "final save: traced again" not in proc.stdout.replace(fallback_line, "")
+    program = torch.export.load(out / "model.pt2")
+    assert len(calls(program, "scaled_dot_product_attention")) == 2     # both blocks, as they run
+    verdict = score(out / "model.pt2", small_data)
+    assert verdict["status"] == "ok" and verdict["val_bpb"] < verdict["uniform_bpb"], verdict
 
 
 def test_the_knobs_hold_the_gpu_values_and_the_cpu_block_replaces_them(monkeypatch):
