@@ -427,6 +427,35 @@ def test_process_trial_gets_a_private_copy_and_leaves_a_filtered_one(tmp_path, s
     check_planter_output(tmp_path / "t1", before, "p1")
 
 
+def test_process_trial_keeps_bytecode_only_for_an_installation_without_it(
+        tmp_path, small_data, monkeypatch):
+    """An interpreter whose torch has its bytecode (this machine's): no bytecode in the cache.
+    One without it (a read-only or --no-compile installation, as on the GPU boxes measured:
+    5-6 s of every trial's start-up went to compiling torch's sources): the trial's bytecode
+    comes back in its cache (`pycache/`, torch's modules among it), and a trial started on that
+    cache gets it and gives it back."""
+    from runner.sandbox import process_backend
+    from runner.trial import run_trial
+    room = {"cache_bytes": 256 * MIB, "cache_files": 20_000}
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "b0"), 1, None, tmp_path / "c0",
+                         **room), "process")
+    assert rec["status"] == "ok", rec
+    assert not (tmp_path / "c0" / cache.PYCACHE).exists()
+    monkeypatch.setattr(process_backend, "installed_bytecode", lambda: False)
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "b1"), 2, None, tmp_path / "c1",
+                         **room), "process")
+    assert rec["status"] == "ok", rec
+    written = {p.relative_to(tmp_path / "c1"): p.stat().st_mtime_ns
+               for p in (tmp_path / "c1" / cache.PYCACHE).rglob("*.pyc")}
+    assert len(written) > 300 and any("torch" in p.parts for p in written)
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "b2"), 3, tmp_path / "c1",
+                         tmp_path / "c2", **room), "process")
+    assert rec["status"] == "ok", rec
+    assert rec["compile_cache"]["start"] == "warm" and rec["compile_cache"]["in_files"] > 300
+    again = {p.relative_to(tmp_path / "c2") for p in (tmp_path / "c2" / cache.PYCACHE).rglob("*.pyc")}
+    assert set(written) <= again
+
+
 def test_process_trial_with_an_oversized_cache_leaves_none(tmp_path, small_data):
     from runner.trial import run_trial
     rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "big", big=12), 2, None,
@@ -511,8 +540,13 @@ def engine():
 
 def watch_scorer_mounts(cli, stop: threading.Event, found: list) -> None:
     """The mounts of this run's scoring container, seen while it exists."""
+    import docker
     while not stop.is_set():
-        for c in cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"}):
+        try:
+            listed = cli.containers.list(all=True, filters={"label": f"autoresearch.run={RUN}"})
+        except docker.errors.NotFound:                # one went while it was listed (the
+            continue                                  # training container, once it is done)
+        for c in listed:
             if c.name.startswith("ar-score-") and not found:
                 found.append([m.get("Destination") for m in c.attrs.get("Mounts", [])])
         time.sleep(0.1)

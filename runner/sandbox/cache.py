@@ -42,15 +42,23 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-INDUCTOR, TRITON = "inductor", "triton"
+INDUCTOR, TRITON, PYCACHE = "inductor", "triton", "pycache"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
-MAX_DEPTH = 32                  # inductor's and triton's caches are 2-5 folders deep
+MAX_DEPTH = 32                  # inductor's and triton's caches are 2-5 folders deep; the
+                                # bytecode mirrors source paths (site-packages/torch/...: ~12)
 
 
 def env(root: str) -> dict[str, str]:
     """The environment that points torch.compile at the cache under `root`."""
     return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/{INDUCTOR}", "TRITON_CACHE_DIR": f"{root}/{TRITON}"}
+
+
+def bytecode_env(root: str) -> dict[str, str]:
+    """Python's bytecode of the modules a trial imports, kept in the cache under `root` (for an
+    installation without its own: compiling torch's sources costs seconds per process). Python
+    then reads and writes bytecode there only, never beside the sources."""
+    return {"PYTHONPYCACHEPREFIX": f"{root}/{PYCACHE}"}
 
 
 class TooBig(Exception):

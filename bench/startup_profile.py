@@ -1,0 +1,78 @@
+"""Where train.py's start-up goes on a GPU (issue 11): imports, data and model; the fallback;
+the first step; cold and warm compile cache.
+
+    python bench/startup_profile.py --data DIR [--budget 45] [--out DIR]
+
+Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
+prepare's) three times with one private compile cache: cold (fills the cache), warm, and warm
+under cProfile. From each run's own lines: `setup` = the budget's start to the first line
+(imports, data, model), `fallback` = to the "fallback saved" line, `first step` = to the end of
+the first step (`startup_seconds`). The profiled run's top functions by cumulative time go to
+stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for shares, not
+seconds). Needs a GPU to say anything about one; runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
+        bytecode: bool = False) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
+           "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_OUT": str(cache.parent / "out"),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+    if bytecode:                    # as the process backend does for a torch without bytecode
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(cache / "pycache")
+    (cache.parent / "out").mkdir(exist_ok=True)
+    cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
+        [str(REPO / "target" / "train.py")]
+    env["AUTORESEARCH_DEADLINE"] = f"{time.time() + budget:.3f}"   # the clock starts here
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120).stdout
+    left = [float(x) for x in re.findall(r"left:? +([\d.]+)s", out)]
+    summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
+    first = float(summary.get("startup_seconds", "nan"))
+    fallback = next((line for line in out.splitlines() if line.startswith("fallback saved")), "")
+    return {"setup": budget - left[0] if left else float("nan"),
+            "fallback": left[0] - left[1] if len(left) > 1 else float("nan"),
+            "first step": first - (budget - left[1]) if len(left) > 1 else float("nan"),
+            "startup": first, "training": float(summary.get("training_seconds", "nan")),
+            "line": fallback}  # type: ignore[dict-item]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--budget", type=int, default=45)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--bytecode-cache", action="store_true",
+                    help="keep Python's bytecode in the cache too (the process backend does when "
+                         "torch has none of its own)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="startup-"))
+    cache = tmp / "cache"
+    runs = [("cold", None), ("warm", None)] + \
+        ([] if args.no_profile else [("warm, cProfile", tmp / "warm.prof")])
+    for name, prof in runs:
+        figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache)
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in figures.items() if k != "line"))
+        print(f"  {figures['line']}", flush=True)
+    if not args.no_profile:
+        pstats.Stats(str(tmp / "warm.prof")).sort_stats("cumulative").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
