@@ -1381,12 +1381,25 @@ SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading t
 SCORE_MIN_TOKENS_PER_S = {"cuda": 20_000, "cpu": 2_000}   # ... plus forward tokens at this rate
 
 
+# CUDA's own failures for want of GPU memory, besides the caching allocator's OutOfMemoryError:
+# a context that cannot be created, a cuBLAS or cuDNN handle or workspace that cannot be
+# allocated (what a co-tenant that holds the GPU's memory provokes in a scorer beside it).
+CUDA_OUT_OF_MEMORY = ("CUDA error: out of memory", "CUDA driver error: out of memory",
+                      "cudaErrorMemoryAllocation", "CUBLAS_STATUS_ALLOC_FAILED",
+                      "CUBLAS_STATUS_NOT_INITIALIZED", "CUDNN_STATUS_ALLOC_FAILED",
+                      "CUDNN_STATUS_NOT_INITIALIZED")
+
+
 def out_of_memory(e: BaseException) -> bool:
-    """An allocation failed: the GPU's (torch.OutOfMemoryError), or the host's (MemoryError, or
-    the CPU allocator's RuntimeError under an address-space limit)."""
+    """An allocation failed: the GPU's (torch.OutOfMemoryError, or CUDA's own errors of
+    `CUDA_OUT_OF_MEMORY`), or the host's (MemoryError, or the CPU allocator's RuntimeError
+    under an address-space limit)."""
     import torch
-    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
-            or isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                            or any(m in text for m in CUDA_OUT_OF_MEMORY))
 
 
 def run_model(model, x, vocab_size: int):
@@ -1671,15 +1684,16 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
                           f"({windows * SEQ_LEN:,} tokens)", "time")):
             os._exit(0)
 
-    if memory_fraction is not None and device.startswith("cuda"):
-        # Beside another trial on this GPU: leave it the rest (a scorer that needs more fails
-        # with cause "memory" and is run again alone).
-        torch.cuda.set_per_process_memory_fraction(memory_fraction)
     watchdog = threading.Timer(limit, out_of_time)
     watchdog.daemon = True
     watchdog.start()
     refuse_spawning()
     try:
+        if memory_fraction is not None and device.startswith("cuda"):
+            # Beside another trial on this GPU: leave it the rest (a scorer that needs more
+            # fails with cause "memory" and is run again alone). The first CUDA call: beside a
+            # candidate that holds the GPU's memory it may fail to create the context (memory).
+            torch.cuda.set_per_process_memory_fraction(memory_fraction)
         result = score(model, folder, device)
     except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
         watchdog.cancel()

@@ -145,3 +145,55 @@ def test_ctrl_c_starts_no_rescoring_alone(project: Path, data: Path):
     late = [(n, t - trials.aborted_at) for n, t in trials.score_starts if t >= trials.aborted_at]
     assert late == [], f"scorings started after the abort: {late}"
     assert took < 1.0
+
+
+# ---- a co-tenant that fills the GPU: CUDA's own out-of-memory errors ---------------------------
+
+# What CUDA raises when another process holds the GPU's memory, besides the caching allocator's
+# torch.OutOfMemoryError (c10_cuda_check_implementation, TORCH_CUDABLAS_CHECK, cuDNN).
+CUDA_SHORT_OF_MEMORY = [
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some "
+    "other API call, so the stacktrace below might be incorrect.",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+]
+
+
+@pytest.mark.parametrize("message", CUDA_SHORT_OF_MEMORY)
+def test_cuda_short_of_memory_is_a_failure_for_memory(message: str):
+    import torch
+
+    import prepare
+    for kind in (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError)):
+        assert prepare.out_of_memory(kind(message)), (kind, message)
+    assert not prepare.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_cuda_context_that_cannot_be_created_is_a_failure_for_memory(small_data: Path,
+                                                                       tmp_path: Path):
+    """Beside a candidate that holds the whole GPU, the capped scorer cannot even create its
+    CUDA context (`set_per_process_memory_fraction` is its first CUDA call): the result must
+    be one JSON line, invalid for memory (scored again alone), not a traceback that the
+    runner reads as the model's own `invalid` (no cause: final)."""
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"PK" + b"x" * 100)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(PREPARE_PY.parent)!r})
+        import torch
+        def full(fraction, device=None):
+            raise torch.AcceleratorError("CUDA error: out of memory")
+        torch.cuda.set_per_process_memory_fraction = full
+        import prepare
+        sys.exit(prepare.main(["score", "--model", {str(model)!r}, "--data-dir",
+                               {str(small_data)!r}, "--device", "cuda",
+                               "--memory-fraction", "0.2"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin",
+                                           "AUTORESEARCH_EVAL_TOKENS": "4096"})
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 1, (out.returncode, out.stdout, out.stderr[-800:])
+    result = json.loads(lines[0])
+    assert result["status"] == "invalid" and result.get("cause") == "memory", result
