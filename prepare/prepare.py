@@ -1495,7 +1495,8 @@ def check_prefixes(a, b, cuts: np.ndarray) -> float:
     return float(change.max().item())
 
 
-def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
+def score(model_path: Path, folder: Path, device: str, cuts_seed: int | None = None
+          ) -> dict[str, Any]:
     import secrets
     import torch
     t0 = time.time()
@@ -1514,7 +1515,9 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         # float32 programs train.py exports, the same for every candidate, and deterministic
         # (rows never mix, so the causality check still compares identical computations).
         torch.set_float32_matmul_precision(SCORE_MATMUL_PRECISION)
-    rng = np.random.default_rng(secrets.randbits(128))   # cuts the model cannot predict
+    # Cuts the model cannot predict: drawn here, or by the runner after the model was frozen
+    # (`cuts_seed`: the same for a scoring done again alone, which is no second draw).
+    rng = np.random.default_rng(secrets.randbits(128) if cuts_seed is None else cuts_seed)
     plan = causal_plan(windows, batch, rng)
 
     # Rows of one batch are far apart in the text (window k, k + n/B, ...), so nothing a model
@@ -1605,6 +1608,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--memory-fraction", type=float, default=None,
                    help="use at most this share of the GPU's memory (the runner sets it when the "
                         "scorer shares the GPU with the next candidate)")
+    s.add_argument("--cuts-seed", type=int, default=None,
+                   help="seed of the random causality cuts (the runner gives a scoring done "
+                        "again alone the same as the first; default: drawn here)")
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -1621,8 +1627,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         parser.error("--memory-fraction must be in (0, 1]")
+    if args.cuts_seed is not None and args.cuts_seed < 0:
+        parser.error("--cuts-seed must not be negative")
     return run_score(args.model, args.data_dir or data_dir(), args.device, args.time_limit,
-                     args.memory_fraction)
+                     args.memory_fraction, args.cuts_seed)
 
 
 SPAWN_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
@@ -1639,7 +1647,7 @@ def refuse_spawning() -> None:
 
 
 def run_score(model: Path, folder: Path, device: str | None, time_limit: float | None,
-              memory_fraction: float | None = None) -> int:
+              memory_fraction: float | None = None, cuts_seed: int | None = None) -> int:
     """`prepare.py score`: the result is one JSON line, the last and only line of stdout.
     Everything else (torch's warnings, anything printed while the model loads and runs, at the
     Python or the C level) goes to stderr: file descriptor 1 is pointed at stderr before any of
@@ -1694,7 +1702,7 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
             # fails with cause "memory" and is run again alone). The first CUDA call: beside a
             # candidate that holds the GPU's memory it may fail to create the context (memory).
             torch.cuda.set_per_process_memory_fraction(memory_fraction)
-        result = score(model, folder, device)
+        result = score(model, folder, device, cuts_seed)
     except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
         watchdog.cancel()
         print(f"prepare.py score: error: {e}", file=sys.stderr)

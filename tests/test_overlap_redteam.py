@@ -12,6 +12,7 @@ what a stop, a co-tenant on the GPU or a model that fails on purpose can make of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -197,3 +198,69 @@ def test_a_cuda_context_that_cannot_be_created_is_a_failure_for_memory(small_dat
     assert out.returncode == 0 and len(lines) == 1, (out.returncode, out.stdout, out.stderr[-800:])
     result = json.loads(lines[0])
     assert result["status"] == "invalid" and result.get("cause") == "memory", result
+
+
+# ---- a scoring done again alone draws the same causality cuts ----------------------------------
+
+# A scoring that failed for memory or time is done again: with a fresh draw of the cuts, a model
+# that could fail so whenever a call looks like a spliced check that would catch it would be
+# caught only if both draws caught it (a second chance). Today a model cannot size an allocation
+# from its tokens (an unbacked size serializes as GreaterThan(...), which the scorer refuses),
+# but nothing else ties the two: the runner draws the cuts once per trial, after the candidate
+# is dead, and gives both scorings the same. This model always fails for memory (6 GiB limit).
+HOG = """
+import os, torch, prepare
+V = prepare.load_meta(prepare.data_dir())["vocab_size"]
+
+class Hog(torch.nn.Module):
+    def forward(self, idx):
+        big = torch.ones(2**36, dtype=torch.uint8)          # 64 GiB for every call
+        return torch.zeros(idx.shape[0], idx.shape[1], V) + big[:1].float().sum() * 0
+
+dims = {"idx": {0: torch.export.Dim("b", min=1, max=4096), 1: torch.export.Dim("s", min=2, max=1024)}}
+ep = torch.export.export(Hog(), (torch.zeros(2, 16, dtype=torch.long),), dynamic_shapes=dims)
+prepare.save_model(ep, os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
+"""
+
+
+class Recording(Lane):
+    shared = True
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def trained(self) -> None:
+        self.events.append("trained")
+
+    @contextlib.contextmanager
+    def alone(self):
+        self.events.append("alone")
+        yield
+        self.events.append("alone done")
+
+
+def test_a_rescoring_alone_draws_the_same_cuts(small_data: Path, tmp_path: Path, monkeypatch):
+    """The model fails for memory: the scorer runs twice (shared, then alone), and both runs
+    are given the same causality draw."""
+    from runner.sandbox import Limits, TrialSpec, process_backend
+
+    argvs: list[list[str]] = []
+    real = process_backend.launch
+
+    def launch(argv, *args, **kwargs):
+        argvs.append(list(argv))
+        return real(argv, *args, **kwargs)
+
+    monkeypatch.setattr(process_backend, "launch", launch)
+    train_py = tmp_path / "train.py"
+    train_py.write_text(textwrap.dedent(HOG))
+    lane = Recording()
+    spec = TrialSpec(train_py=train_py, data_dir=small_data, budget=10, eval_tokens=4096,
+                     limits=Limits(score_memory_bytes=6 * 2**30))
+    outcome = process_backend.run(spec, lambda line: None, lane)
+    assert outcome.score.get("cause") == "memory", (outcome.status, outcome.reason)
+    assert lane.events == ["trained", "alone", "alone done"]
+    scorers = [a for a in argvs if "score" in a and "--model" in a]
+    assert len(scorers) == 2
+    seeds = [a[a.index("--cuts-seed") + 1] if "--cuts-seed" in a else None for a in scorers]
+    assert seeds[0] is not None and seeds[0] == seeds[1], seeds
