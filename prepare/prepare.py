@@ -1381,12 +1381,25 @@ SCORE_BASE_SECONDS  = 120          # time limit: reading, checking and loading t
 SCORE_MIN_TOKENS_PER_S = {"cuda": 20_000, "cpu": 2_000}   # ... plus forward tokens at this rate
 
 
+# CUDA's own failures for want of GPU memory, besides the caching allocator's OutOfMemoryError:
+# a context that cannot be created, a cuBLAS or cuDNN handle or workspace that cannot be
+# allocated (what a co-tenant that holds the GPU's memory provokes in a scorer beside it).
+CUDA_OUT_OF_MEMORY = ("CUDA error: out of memory", "CUDA driver error: out of memory",
+                      "cudaErrorMemoryAllocation", "CUBLAS_STATUS_ALLOC_FAILED",
+                      "CUBLAS_STATUS_NOT_INITIALIZED", "CUDNN_STATUS_ALLOC_FAILED",
+                      "CUDNN_STATUS_NOT_INITIALIZED")
+
+
 def out_of_memory(e: BaseException) -> bool:
-    """An allocation failed: the GPU's (torch.OutOfMemoryError), or the host's (MemoryError, or
-    the CPU allocator's RuntimeError under an address-space limit)."""
+    """An allocation failed: the GPU's (torch.OutOfMemoryError, or CUDA's own errors of
+    `CUDA_OUT_OF_MEMORY`), or the host's (MemoryError, or the CPU allocator's RuntimeError
+    under an address-space limit)."""
     import torch
-    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
-            or isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text
+                                            or any(m in text for m in CUDA_OUT_OF_MEMORY))
 
 
 def run_model(model, x, vocab_size: int):
@@ -1482,7 +1495,8 @@ def check_prefixes(a, b, cuts: np.ndarray) -> float:
     return float(change.max().item())
 
 
-def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
+def score(model_path: Path, folder: Path, device: str, cuts_seed: int | None = None
+          ) -> dict[str, Any]:
     import secrets
     import torch
     t0 = time.time()
@@ -1501,7 +1515,9 @@ def score(model_path: Path, folder: Path, device: str) -> dict[str, Any]:
         # float32 programs train.py exports, the same for every candidate, and deterministic
         # (rows never mix, so the causality check still compares identical computations).
         torch.set_float32_matmul_precision(SCORE_MATMUL_PRECISION)
-    rng = np.random.default_rng(secrets.randbits(128))   # cuts the model cannot predict
+    # Cuts the model cannot predict: drawn here, or by the runner after the model was frozen
+    # (`cuts_seed`: the same for a scoring done again alone, which is no second draw).
+    rng = np.random.default_rng(secrets.randbits(128) if cuts_seed is None else cuts_seed)
     plan = causal_plan(windows, batch, rng)
 
     # Rows of one batch are far apart in the text (window k, k + n/B, ...), so nothing a model
@@ -1592,6 +1608,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--memory-fraction", type=float, default=None,
                    help="use at most this share of the GPU's memory (the runner sets it when the "
                         "scorer shares the GPU with the next candidate)")
+    s.add_argument("--cuts-seed", type=int, default=None,
+                   help="seed of the random causality cuts (the runner gives a scoring done "
+                        "again alone the same as the first; default: drawn here)")
     args = parser.parse_args(argv)
 
     if args.command == "data":
@@ -1608,8 +1627,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         parser.error("--memory-fraction must be in (0, 1]")
+    if args.cuts_seed is not None and args.cuts_seed < 0:
+        parser.error("--cuts-seed must not be negative")
     return run_score(args.model, args.data_dir or data_dir(), args.device, args.time_limit,
-                     args.memory_fraction)
+                     args.memory_fraction, args.cuts_seed)
 
 
 SPAWN_EVENTS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
@@ -1626,7 +1647,7 @@ def refuse_spawning() -> None:
 
 
 def run_score(model: Path, folder: Path, device: str | None, time_limit: float | None,
-              memory_fraction: float | None = None) -> int:
+              memory_fraction: float | None = None, cuts_seed: int | None = None) -> int:
     """`prepare.py score`: the result is one JSON line, the last and only line of stdout.
     Everything else (torch's warnings, anything printed while the model loads and runs, at the
     Python or the C level) goes to stderr: file descriptor 1 is pointed at stderr before any of
@@ -1671,16 +1692,17 @@ def run_score(model: Path, folder: Path, device: str | None, time_limit: float |
                           f"({windows * SEQ_LEN:,} tokens)", "time")):
             os._exit(0)
 
-    if memory_fraction is not None and device.startswith("cuda"):
-        # Beside another trial on this GPU: leave it the rest (a scorer that needs more fails
-        # with cause "memory" and is run again alone).
-        torch.cuda.set_per_process_memory_fraction(memory_fraction)
     watchdog = threading.Timer(limit, out_of_time)
     watchdog.daemon = True
     watchdog.start()
     refuse_spawning()
     try:
-        result = score(model, folder, device)
+        if memory_fraction is not None and device.startswith("cuda"):
+            # Beside another trial on this GPU: leave it the rest (a scorer that needs more
+            # fails with cause "memory" and is run again alone). The first CUDA call: beside a
+            # candidate that holds the GPU's memory it may fail to create the context (memory).
+            torch.cuda.set_per_process_memory_fraction(memory_fraction)
+        result = score(model, folder, device, cuts_seed)
     except FileNotFoundError as e:                 # our data is missing: not the candidate's fault
         watchdog.cancel()
         print(f"prepare.py score: error: {e}", file=sys.stderr)

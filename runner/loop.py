@@ -159,18 +159,32 @@ class Candidate:
 
 class Slot:
     """What the trials of one slot share: how many train on it now, whether one is being
-    scored alone, and its scoring lane (one trial scored at a time)."""
+    scored alone, whether one is being scored at all (one at a time), and whether the loop
+    stopped (Ctrl-C): then nothing that waited on the slot starts any more."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.training = 0
         self.exclusive = False
-        self.scoring = threading.Semaphore(1)
+        self.busy = False                    # a trial of this slot is being scored
+        self.stopped = False
+
+    def stop(self) -> None:
+        """The loop is stopping: whatever waits on this slot, or asks it later, is refused."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def check(self) -> None:                 # under cond
+        if self.stopped:
+            raise InfrastructureError("the run is stopping: nothing more starts on this slot")
 
 
 class SlotLane(Lane):
     """A trial's place on its slot when scoring overlaps the next trial (`runner.sandbox.Lane`).
-    In the slot's thread: `begin()` before the trial, `close()` after it, whatever happened."""
+    In the slot's thread: `begin()` before the trial, `close()` after it, whatever happened.
+    Once the loop stops (`Slot.stop`), `begin`, `trained`, `alone` and `check` raise
+    InfrastructureError instead of waiting or letting anything start."""
 
     shared = True
 
@@ -182,22 +196,33 @@ class SlotLane(Lane):
     def begin(self) -> None:
         slot = self.slot
         with slot.cond:                      # not while a trial before is scored alone
-            slot.cond.wait_for(lambda: not slot.exclusive)
+            slot.cond.wait_for(lambda: slot.stopped or not slot.exclusive)
+            slot.check()
             slot.training += 1
             self.training = True
 
     def trained(self) -> None:
         self.stop_training()
         if not self.scoring:
-            self.slot.scoring.acquire()      # the slot's trial before is scored first
-            self.scoring = True
+            slot = self.slot
+            with slot.cond:                  # the slot's trial before is scored first
+                slot.cond.wait_for(lambda: slot.stopped or not slot.busy)
+                slot.check()
+                slot.busy = True
+                self.scoring = True
             self.freed.set_result(None)
+
+    def check(self) -> None:
+        with self.slot.cond:
+            self.slot.check()
 
     @contextlib.contextmanager
     def alone(self) -> Iterator[None]:
         slot = self.slot
         with slot.cond:
-            slot.cond.wait_for(lambda: slot.training == 0 and not slot.exclusive)
+            slot.cond.wait_for(lambda: slot.stopped
+                               or (slot.training == 0 and not slot.exclusive))
+            slot.check()
             slot.exclusive = True
         try:
             yield
@@ -217,7 +242,9 @@ class SlotLane(Lane):
         self.stop_training()
         if self.scoring:
             self.scoring = False
-            self.slot.scoring.release()
+            with self.slot.cond:
+                self.slot.busy = False
+                self.slot.cond.notify_all()
 
 
 Running = tuple[Candidate, "str | None", "SlotLane | None"]   # its slot, its lane if shared
@@ -683,6 +710,10 @@ class Overnight:
             if not clean_exit and self.running:
                 # Ctrl-C or an error: the trials in the slot threads cannot be interrupted, so
                 # the executor stops them now; each thread then finds its trial gone and returns.
+                # First the slots: a trial that waited for its slot's scorer, or to be scored
+                # alone, must not start a scorer once the abort has passed.
+                for slot in self.lanes.values():
+                    slot.stop()
                 self.executor.abort(self.cfg.tag)
             self.agent_pool.shutdown(wait=False, cancel_futures=True)
             self.slots.shutdown(wait=True, cancel_futures=True)

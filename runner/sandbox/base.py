@@ -101,6 +101,10 @@ class Lane:
         """Wait until nothing trains on the slot, and keep it so until the block ends."""
         yield
 
+    def check(self) -> None:
+        """Raise (InfrastructureError) if nothing may start any more on the slot (the loop is
+        stopping); called before each scoring."""
+
 
 ALONE = Lane()
 SHARED_SCORER_MEMORY = 0.2      # share of the GPU's memory a scorer may use beside a candidate
@@ -115,6 +119,7 @@ def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | No
         score_once(None)
         return
     outcome.scoring = "shared"
+    lane.check()
     score_once(SHARED_SCORER_MEMORY)
     cause = outcome.score.get("cause")
     if outcome.status != "invalid" or cause not in RETRY_CAUSES:

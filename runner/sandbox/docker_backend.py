@@ -33,6 +33,7 @@ import hashlib
 import io
 import os
 import re
+import secrets
 import socket
 import tarfile
 import tempfile
@@ -400,14 +401,18 @@ def engine_time(container, key: str) -> float | None:
 
 
 def score(cli, spec: TrialSpec, base: str, volume, suffix: str, common: dict[str, Any],
-          containers: list, outcome: Outcome, memory_fraction: float | None) -> None:
+          containers: list, outcome: Outcome, memory_fraction: float | None,
+          cuts_seed: int | None = None) -> None:
     """Run the trusted scorer on the output volume (read-only), in its own container from the
-    base image, with at most `memory_fraction` of the GPU's memory when given."""
+    base image, with at most `memory_fraction` of the GPU's memory when given, and the
+    causality cuts of `cuts_seed` (the trial's: a scoring done again alone draws the same)."""
     lim = spec.fixed_limits
     score_env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     if spec.eval_tokens:
         score_env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
     cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
+    if cuts_seed is not None:
+        cap += ["--cuts-seed", str(cuts_seed)]
     scorer = cli.containers.create(
         base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"] + cap,
         name=f"ar-score-{suffix}-{len(containers)}", environment=score_env,
@@ -552,9 +557,10 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
 
         # ---- score (trusted) ----
         t3 = time.perf_counter()
+        cuts_seed = secrets.randbits(128)             # drawn once the candidate is dead
         try:
             score_in_lane(lane, outcome, lambda cap: score(cli, spec, base, volume, suffix, common,
-                                                             containers, outcome, cap))
+                                                             containers, outcome, cap, cuts_seed))
         finally:
             phases["score"] = time.perf_counter() - t3
 

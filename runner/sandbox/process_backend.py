@@ -37,6 +37,7 @@ import errno
 import functools
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -399,14 +400,17 @@ def read_some(fd: int) -> bytes | None:
 
 
 def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: list,
-          memory_fraction: float | None = None) -> None:
+          memory_fraction: float | None = None, cuts_seed: int | None = None) -> None:
     """Run the trusted scorer on `model` (a copy the candidate cannot reach any more), with at
-    most `memory_fraction` of the GPU's memory when given."""
+    most `memory_fraction` of the GPU's memory when given, and the causality cuts of
+    `cuts_seed` (the trial's: a scoring done again alone draws the same)."""
     lim = spec.fixed_limits
     env = build_env(folder, spec.gpu)
     if spec.eval_tokens:
         env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
     cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
+    if cuts_seed is not None:
+        cap += ["--cuts-seed", str(cuts_seed)]
     out_path, err_path = folder / "score.out", folder / "score.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = launch([sys.executable, "-I", str(PREPARE_PY), "score", "--model", str(model),
@@ -497,9 +501,10 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
             outcome.status, outcome.reason = "invalid", "model.pt2 is not a regular file of at " \
                                                         f"most {lim.out_bytes} bytes"
             return outcome
+        cuts_seed = secrets.randbits(128)         # drawn once the candidate is dead
         try:
             score_in_lane(lane, outcome,
-                          lambda cap: score(spec, model, scoring, outcome, procs, cap))
+                          lambda cap: score(spec, model, scoring, outcome, procs, cap, cuts_seed))
         finally:
             phases["score"] = time.perf_counter() - t2
 
