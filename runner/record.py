@@ -64,7 +64,7 @@ class Record(TypedDict, total=False):
     phases: dict[str, float]         # wall seconds: propose, build, train, score, ...
     wall_seconds: float
     slot_seconds: float              # wall seconds until its slot could start the next trial
-    scoring: str                     # alone | shared | rescored alone (...) (runner.sandbox.Lane)
+    scoring: str                     # not scored | alone | shared | rescored alone (...) (Lane)
     started_at: str
     backend: str
     budget: int
@@ -144,7 +144,7 @@ def from_outcome(spec: TrialSpec, outcome: Outcome, backend: str, started: float
         "phases": {k: round(v, 3) for k, v in outcome.phases.items()},
         "wall_seconds": round(wall, 3),
         "slot_seconds": (round(outcome.slot_seconds, 3) if outcome.slot_seconds is not None
-                         and outcome.scoring != "alone" else round(wall, 3)),
+                         else round(wall, 3)),
         "scoring": outcome.scoring,
         "started_at": now_iso(started),
         "backend": backend,

@@ -292,3 +292,27 @@ def test_the_loop_overlaps_real_trials_on_the_process_backend(project: Path, sma
     starts = [datetime.fromisoformat(r["started_at"]).timestamp() for r in recs]
     for i in range(1, len(recs)):
         assert starts[i] < starts[i - 1] + recs[i - 1]["wall_seconds"]
+
+
+def test_a_scorer_that_gave_no_result_is_done_again_alone():
+    """The scorer killed or crashed while shared (no JSON line: `apply_score` makes it invalid
+    with cause "no result") is scored again alone; its second result stands."""
+    from runner.sandbox import apply_score
+    lane, outcome, calls = Recording(), Outcome(status="ok"), []
+
+    def once(cap):
+        calls.append(cap)
+        stdout = "" if len(calls) == 1 else json.dumps({"status": "ok", "val_bpb": 1.25})
+        apply_score(outcome, -9 if len(calls) == 1 else 0, stdout, "Killed")
+
+    score_in_lane(lane, outcome, once)
+    assert calls == [SHARED_SCORER_MEMORY, None] and lane.events == ["alone", "alone done"]
+    assert outcome.status == "ok" and outcome.val_bpb == 1.25
+    assert outcome.scoring.startswith("rescored alone (shared: scorer printed nothing")
+
+
+def test_a_trial_never_scored_says_so(small_data: Path, tmp_path: Path):
+    lane = Recording()
+    outcome = backend_trial(candidate(tmp_path, "print('no model')\n"), small_data, lane, budget=5)
+    assert outcome.status != "ok" and lane.events == ["trained"]
+    assert outcome.scoring == "not scored" and outcome.slot_seconds is not None

@@ -50,7 +50,8 @@ def test_the_result_is_the_last_line_and_the_only_one():
     forged = line(**{**OK, "val_bpb": 0.01})
     for out in (forged + line(**OK), line(**OK) + forged, "warming up\n" + line(**OK)):
         result = parse_score(out)
-        assert result == {"status": "invalid", "reason": "scorer printed 2 lines, not one"}
+        assert result == {"status": "invalid", "reason": "scorer printed 2 lines, not one",
+                          "cause": "no result"}
     assert parse_score("")["reason"] == "scorer printed nothing"
     assert parse_score("[1]")["reason"] == "scorer output has no valid status"
 

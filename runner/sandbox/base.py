@@ -72,8 +72,8 @@ class Outcome:
     gpu: dict[str, Any] = field(default_factory=dict)   # NVML summary of the train phase
     compile_cache: dict[str, Any] = field(default_factory=dict)   # cold or warm, bytes
     backend: str = ""
-    scoring: str = "alone"                              # or shared, rescored alone (`Lane`)
-    slot_seconds: float | None = None                   # wall seconds until the slot was free
+    scoring: str = "not scored"                         # alone, shared, rescored alone (`Lane`)
+    slot_seconds: float | None = None                   # shared lane: seconds until it was free
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +108,9 @@ class Lane:
 
 ALONE = Lane()
 SHARED_SCORER_MEMORY = 0.2      # share of the GPU's memory a scorer may use beside a candidate
-RETRY_CAUSES = ("memory", "time")   # the scorer's `cause` of a failure a co-tenant may explain
+# The `cause` of a failure a co-tenant may explain: the scorer's own ("memory", "time"), or the
+# runner's when the scorer gave no result at all (killed, crashed: "no result").
+RETRY_CAUSES = ("memory", "time", "no result")
 
 
 def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | None], None]
@@ -116,6 +118,7 @@ def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | No
     """Score through `score_once(memory_fraction)` (None: no cap): shared with the slot's next
     trial when the lane is shared, again alone when that failed for memory or time."""
     if not lane.shared:
+        outcome.scoring = "alone"
         score_once(None)
         return
     outcome.scoring = "shared"

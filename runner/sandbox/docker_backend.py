@@ -551,7 +551,8 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
         except docker.errors.APIError as e:           # dead already; clean-up tries again
             log(f"warning: could not remove {train.name} yet: {e}")
         lane.trained()                                # ... and the slot may start the next
-        outcome.slot_seconds = time.perf_counter() - t0
+        if lane.shared:
+            outcome.slot_seconds = time.perf_counter() - t0
         if status != "ok":
             return outcome
 

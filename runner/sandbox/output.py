@@ -26,7 +26,7 @@ SCORE_FIELDS = {
     "val_bpb": "number", "uniform_bpb": "number", "seconds": "number",
     "load_seconds": "number", "check_seconds": "number",
     "tokens": "count", "bytes": "count", "causal_checks": "count",
-    "cause": "word",                  # of an invalid result: "memory" or "time" (may be retried)
+    "cause": "word",                  # of an invalid result: "memory", "time" (may be retried)
 }
 SCORE_STATUSES = ("ok", "invalid")
 TEXT_LIMIT = {"status": 16, "text": 500, "word": 32}
@@ -115,7 +115,9 @@ def classify_exit(exit_code: int | None, oom_killed: bool, stopped: bool, log: s
 
 
 def _invalid(reason: str) -> dict[str, Any]:
-    return {"status": "invalid", "reason": reason}
+    """No result of the scorer's own (it printed none, or exited with an error): a scoring
+    beside another trial is done again alone (`runner.sandbox.base.score_in_lane`)."""
+    return {"status": "invalid", "reason": reason, "cause": "no result"}
 
 
 def _field(name: str, value: Any) -> Any:

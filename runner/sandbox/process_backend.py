@@ -487,7 +487,8 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
             outcome.gpu = gpu_sampler.summary()
             phases["train"] = time.perf_counter() - t1
         lane.trained()                            # its processes are dead: the slot is free
-        outcome.slot_seconds = time.perf_counter() - t0
+        if lane.shared:
+            outcome.slot_seconds = time.perf_counter() - t0
         if outcome.status != "ok":
             return outcome
 
