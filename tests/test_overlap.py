@@ -28,13 +28,14 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from attack_models import Slow, export
-from conftest import PREPARE_PY, REPO
+from conftest import PREPARE_PY, REPO, docker_engine_missing, small_limits
 from runner import record
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Lane, Limits, Outcome, TrialSpec, process_backend
@@ -316,3 +317,35 @@ def test_a_trial_never_scored_says_so(small_data: Path, tmp_path: Path):
     outcome = backend_trial(candidate(tmp_path, "print('no model')\n"), small_data, lane, budget=5)
     assert outcome.status != "ok" and lane.events == ["trained"]
     assert outcome.scoring == "not scored" and outcome.slot_seconds is not None
+
+
+@pytest.mark.skipif(docker_engine_missing() is not None, reason=docker_engine_missing() or "")
+def test_docker_backend_hands_the_slot_on_once_the_training_container_is_gone(small_data):
+    """The docker backend tells its lane when training is over, with the training container
+    already removed (its GPU memory given back), and scores beside."""
+    import docker
+
+    from runner.sandbox import docker_backend
+    run = f"overlap{uuid.uuid4().hex[:6]}"
+    cli = docker.from_env(timeout=120)
+
+    class Watching(Recording):
+        def trained(self) -> None:
+            super().trained()
+            self.left = [c.name for c in cli.containers.list(
+                all=True, filters={"label": f"autoresearch.run={run}"})]
+
+    lane = Watching()
+    spec = TrialSpec(train_py=REPO / "target" / "train.py", data_dir=small_data, budget=20,
+                     run=run, eval_tokens=4096, limits=small_limits())
+    try:
+        outcome = docker_backend.run(spec, lambda line: None, lane)
+    finally:
+        for image in cli.images.list(filters={"reference": f"autoresearch/exp:{run}*"}):
+            cli.images.remove(image.id, force=True)
+    assert outcome.status == "ok", outcome.reason
+    assert lane.events == ["trained"] and outcome.scoring == "shared"
+    assert not [n for n in lane.left if n.startswith("ar-train-")], lane.left
+    assert outcome.slot_seconds is not None and outcome.slot_seconds < \
+        outcome.phases["train"] + outcome.phases["score"]
+    assert not cli.containers.list(all=True, filters={"label": f"autoresearch.run={run}"})

@@ -113,6 +113,12 @@ SHARED_SCORER_MEMORY = 0.2      # share of the GPU's memory a scorer may use bes
 RETRY_CAUSES = ("memory", "time", "no result")
 
 
+def scorer_options(memory_fraction: float | None, cuts_seed: int | None) -> list[str]:
+    """The scorer's command-line options for a cap on its GPU memory and the trial's cuts."""
+    options = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
+    return options + (["--cuts-seed", str(cuts_seed)] if cuts_seed is not None else [])
+
+
 def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | None], None]
                   ) -> None:
     """Score through `score_once(memory_fraction)` (None: no cap): shared with the slot's next

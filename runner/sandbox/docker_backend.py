@@ -54,7 +54,8 @@ from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import cache, images
 from runner.sandbox.base import (ALONE, Backend, InfrastructureError, Lane, Log, Outcome,
-                                 TrialSpec, deadline_env, score_in_lane, training_view)
+                                 TrialSpec, deadline_env, score_in_lane, scorer_options,
+                                 training_view)
 from runner.sandbox.output import (apply_score, classify_exit, escape_line, escape_log,
                                    parse_summary)
 
@@ -410,11 +411,9 @@ def score(cli, spec: TrialSpec, base: str, volume, suffix: str, common: dict[str
     score_env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     if spec.eval_tokens:
         score_env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
-    cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
-    if cuts_seed is not None:
-        cap += ["--cuts-seed", str(cuts_seed)]
+    options = scorer_options(memory_fraction, cuts_seed)
     scorer = cli.containers.create(
-        base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"] + cap,
+        base, SCORE_CMD + ["--device", "cuda" if spec.gpu else "cpu"] + options,
         name=f"ar-score-{suffix}-{len(containers)}", environment=score_env,
         mounts=[ro(PREPARE_PY, "/app/prepare.py"), ro(spec.data_dir, "/data")],
         volumes={volume.name: {"bind": "/model", "mode": "ro"}},

@@ -53,7 +53,7 @@ from runner.gpu import Sampler
 from runner.paths import PREPARE_PY
 from runner.sandbox import cache
 from runner.sandbox.base import (ALONE, Backend, Lane, Log, Outcome, TrialSpec, deadline_env,
-                                 score_in_lane, training_view)
+                                 score_in_lane, scorer_options, training_view)
 from runner.sandbox.output import apply_score, classify_exit, escape_log, parse_summary
 
 WARNING = ("WARNING: the process backend is NOT a sandbox and isolates nothing: train.py runs "
@@ -408,14 +408,12 @@ def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: l
     env = build_env(folder, spec.gpu)
     if spec.eval_tokens:
         env["AUTORESEARCH_EVAL_TOKENS"] = str(spec.eval_tokens)
-    cap = ["--memory-fraction", str(memory_fraction)] if memory_fraction else []
-    if cuts_seed is not None:
-        cap += ["--cuts-seed", str(cuts_seed)]
+    options = scorer_options(memory_fraction, cuts_seed)
     out_path, err_path = folder / "score.out", folder / "score.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = launch([sys.executable, "-I", str(PREPARE_PY), "score", "--model", str(model),
                        "--data-dir", str(Path(spec.data_dir).resolve()),
-                       "--device", "cuda" if spec.gpu else "cpu"] + cap,
+                       "--device", "cuda" if spec.gpu else "cpu"] + options,
                       folder, env, rlimits_for(lim.score_memory_bytes, spec.gpu, lim.out_bytes),
                       out, err)
     procs.append(proc)
