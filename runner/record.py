@@ -63,7 +63,8 @@ class Record(TypedDict, total=False):
     stopped_at_deadline: bool        # frozen and killed when the budget ran out
     phases: dict[str, float]         # wall seconds: propose, build, train, score, ...
     wall_seconds: float
-    slot_seconds: float              # wall seconds until its slot could start the next trial
+    slot_seconds: float              # wall seconds it held its slot (shared: to the hand-on,
+                                     # plus a rescoring alone; else its wall seconds)
     scoring: str                     # not scored | alone | shared | rescored alone (...) (Lane)
     started_at: str
     backend: str

@@ -299,10 +299,11 @@ def test_a_scorer_that_gave_no_result_is_done_again_alone():
     """The scorer killed or crashed while shared (no JSON line: `apply_score` makes it invalid
     with cause "no result") is scored again alone; its second result stands."""
     from runner.sandbox import apply_score
-    lane, outcome, calls = Recording(), Outcome(status="ok"), []
+    lane, outcome, calls = Recording(), Outcome(status="ok", slot_seconds=10.0), []
 
     def once(cap):
         calls.append(cap)
+        time.sleep(0.2)
         stdout = "" if len(calls) == 1 else json.dumps({"status": "ok", "val_bpb": 1.25})
         apply_score(outcome, -9 if len(calls) == 1 else 0, stdout, "Killed")
 
@@ -310,6 +311,7 @@ def test_a_scorer_that_gave_no_result_is_done_again_alone():
     assert calls == [SHARED_SCORER_MEMORY, None] and lane.events == ["alone", "alone done"]
     assert outcome.status == "ok" and outcome.val_bpb == 1.25
     assert outcome.scoring.startswith("rescored alone (shared: scorer printed nothing")
+    assert outcome.slot_seconds >= 10.2          # the slot was its own while it was rescored
 
 
 def test_a_trial_never_scored_says_so(small_data: Path, tmp_path: Path):

@@ -73,7 +73,8 @@ class Outcome:
     compile_cache: dict[str, Any] = field(default_factory=dict)   # cold or warm, bytes
     backend: str = ""
     scoring: str = "not scored"                         # alone, shared, rescored alone (`Lane`)
-    slot_seconds: float | None = None                   # shared lane: seconds until it was free
+    slot_seconds: float | None = None                   # shared lane: seconds it held the slot
+                                                        # (to its hand-on, + a rescoring alone)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,10 +136,13 @@ def score_in_lane(lane: Lane, outcome: Outcome, score_once: Callable[[float | No
         return
     t = time.perf_counter()
     with lane.alone():
-        outcome.phases["score_wait"] = time.perf_counter() - t
+        alone = time.perf_counter()
+        outcome.phases["score_wait"] = alone - t
         first = outcome.reason
         outcome.status, outcome.reason, outcome.score = "crash", "", {}
         score_once(None)
+        if outcome.slot_seconds is not None:      # the slot was this trial's again meanwhile
+            outcome.slot_seconds += time.perf_counter() - alone
     outcome.scoring = f"rescored alone (shared: {first})"[:300]
 
 
