@@ -326,6 +326,11 @@ ind = os.environ["TORCHINDUCTOR_CACHE_DIR"]
 os.makedirs(os.path.join(ind, "fxgraph", TAG), exist_ok=True)
 with open(os.path.join(ind, "fxgraph", TAG, "entry"), "w") as f:
     f.write(f"graph of {TAG}\n")
+nv = os.environ["CUDA_CACHE_PATH"]              # the CUDA driver's JIT cache: the trial's too
+assert os.path.dirname(nv) == ROOT, nv
+os.makedirs(nv, exist_ok=True)
+with open(os.path.join(nv, TAG), "w") as f:
+    f.write(f"sass of {TAG}\n")
 if PLANT:
     os.symlink("/etc/passwd", os.path.join(ind, "passwd"))
     os.symlink("/", os.path.join(ind, "root"))
@@ -403,6 +408,7 @@ def check_planter_output(got: Path, kept: dict[str, str], tag: str) -> None:
     assert "inductor/fifo" not in out
     assert out[f"inductor/fxgraph/{tag}/entry"] == hashlib.sha256(
         f"graph of {tag}\n".encode()).hexdigest()
+    assert out[f"nv/{tag}"] == hashlib.sha256(f"sass of {tag}\n".encode()).hexdigest()
     assert out["triton/HASH/kernel.so"] == kept["triton/HASH/kernel.so"]
     assert out["inductor/fxgraph/ab/entry"] == hashlib.sha256(b"poisoned\n").hexdigest()
     assert os.stat(got / "inductor" / "..evil.py").st_mode & 0o7000 == 0
@@ -502,20 +508,20 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
     assert [r["status"] for r in ledger.records] == ["keep", "discard", "keep", "discard"], \
         [(r["description"], r["status"], r["reason"]) for r in ledger.records]
     run_dir = project / "runs" / "cacheloop"
-    base_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "inductor/fxgraph/base": "dir",
-                  "inductor/fxgraph/base/entry": hashlib.sha256(b"graph of base\n").hexdigest()}
+
+    def entries(tag: str) -> dict[str, str]:           # what CANDIDATE writes: its graph, its sass
+        return {f"inductor/fxgraph/{tag}": "dir",
+                f"inductor/fxgraph/{tag}/entry": hashlib.sha256(f"graph of {tag}\n".encode()).hexdigest(),
+                f"nv/{tag}": hashlib.sha256(f"sass of {tag}\n".encode()).hexdigest()}
+    base_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "nv": "dir", **entries("base")}
     assert seen(by["baseline"]) == {} and by["baseline"]["compile_cache"]["start"] == "cold"
     assert seen(by["planter"]) == base_cache                  # the baseline's, promoted
     assert by["planter"]["compile_cache"]["out"] == "taken"   # scored, then discarded
     assert seen(by["better"]) == base_cache                   # the planter changed nothing
-    better_cache = {**base_cache, "inductor/fxgraph/better": "dir",
-                    "inductor/fxgraph/better/entry":
-                        hashlib.sha256(b"graph of better\n").hexdigest()}
+    better_cache = {**base_cache, **entries("better")}
     assert seen(by["observer"]) == better_cache               # the kept one's
     assert by["observer"]["compile_cache"]["start"] == "warm"
-    observer_cache = {**better_cache, "inductor/fxgraph/observer": "dir",
-                      "inductor/fxgraph/observer/entry":
-                          hashlib.sha256(b"graph of observer\n").hexdigest()}
+    observer_cache = {**better_cache, **entries("observer")}
     assert tree(run_dir / "compile-cache") == better_cache    # the observer was discarded
     assert observer_cache != better_cache
     assert not (run_dir / "trial-caches").exists() or not any((run_dir / "trial-caches").iterdir())

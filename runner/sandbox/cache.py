@@ -4,7 +4,10 @@ torch.compile keeps its work in two folders that the candidate is pointed at thr
 environment (`env`): inductor's (``TORCHINDUCTOR_CACHE_DIR``: the FX graph and AOTAutograd
 caches, on by default in torch 2.13, and the generated kernels) and triton's
 (``TRITON_CACHE_DIR``: compiled GPU kernels and their launchers). A candidate whose graph did
-not change then finds its kernels and starts training without compiling.
+not change then finds its kernels and starts training without compiling. A third folder is
+the CUDA driver's (``CUDA_CACHE_PATH``, else ``~/.nv/ComputeCache``, empty in every trial's
+fresh home): the GPU code it compiles from PTX at run time, ~1.2 s of a warm start-up on an
+H200 when it is lost (bench/RESULTS.md).
 
 The rule: **only the kept line writes the run's cache.** The files in it are code that the next
 candidate imports, so:
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-INDUCTOR, TRITON, PYCACHE = "inductor", "triton", "pycache"
+INDUCTOR, TRITON, CUDA, PYCACHE = "inductor", "triton", "nv", "pycache"
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 MAX_DEPTH = 32                  # inductor's and triton's caches are 2-5 folders deep; the
@@ -50,8 +53,9 @@ MAX_DEPTH = 32                  # inductor's and triton's caches are 2-5 folders
 
 
 def env(root: str) -> dict[str, str]:
-    """The environment that points torch.compile at the cache under `root`."""
-    return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/{INDUCTOR}", "TRITON_CACHE_DIR": f"{root}/{TRITON}"}
+    """The environment that points torch.compile and the CUDA driver at the cache under `root`."""
+    return {"TORCHINDUCTOR_CACHE_DIR": f"{root}/{INDUCTOR}", "TRITON_CACHE_DIR": f"{root}/{TRITON}",
+            "CUDA_CACHE_PATH": f"{root}/{CUDA}"}
 
 
 def bytecode_env(root: str) -> dict[str, str]:
