@@ -1,13 +1,15 @@
 """Where train.py's start-up goes on a GPU (issue 11): imports, data and model; the fallback;
 the first step; cold and warm compile cache.
 
-    python bench/startup_profile.py --data DIR [--budget 45] [--out DIR]
+    python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
+        [--bytecode-cache] [--fresh-home] [--cuda-cache] [--warm-runs N] [--no-profile]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
-prepare's) three times with one private compile cache: cold (fills the cache), warm, and warm
-under cProfile. From each run's own lines: `setup` = the budget's start to the first line
-(imports, data, model), `fallback` = to the "fallback saved" line, `first step` = to the end of
-the first step (`startup_seconds`). The profiled run's top functions by cumulative time go to
+prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
+and warm under cProfile. From each run's own lines: `setup` = the budget's start to the first
+line (imports, data, model), `fallback` = to the "fallback saved" line, `first step` = to the
+end of the first step (`startup_seconds`); then its steps, MFU and Dynamo's recompiles
+(TORCH_LOGS=recompiles). The profiled run's top functions by cumulative time go to
 stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for shares, not
 seconds). Needs a GPU to say anything about one; runs anywhere.
 """
@@ -28,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
-        bytecode: bool = False) -> dict[str, float]:
+        bytecode: bool = False, train: Path = REPO / "target" / "train.py",
+        fresh_home: bool = False, cuda_cache: bool = False) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
            "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_OUT": str(cache.parent / "out"),
            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
@@ -37,9 +40,15 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         env["PYTHONPYCACHEPREFIX"] = str(cache / "pycache")
     (cache.parent / "out").mkdir(exist_ok=True)
     cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
-        [str(REPO / "target" / "train.py")]
+        [str(train)]
     env["AUTORESEARCH_DEADLINE"] = f"{time.time() + budget:.3f}"   # the clock starts here
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120).stdout
+    env["TORCH_LOGS"] = "recompiles"
+    if fresh_home:                  # as the backends do: an empty HOME and TMPDIR per run
+        env["HOME"] = env["TMPDIR"] = tempfile.mkdtemp(prefix="home-")
+    if cuda_cache:                  # as they do since: the driver's JIT cache with the others
+        env["CUDA_CACHE_PATH"] = str(cache / "nv")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
+    out = done.stdout
     left = [float(x) for x in re.findall(r"left:? +([\d.]+)s", out)]
     summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
     first = float(summary.get("startup_seconds", "nan"))
@@ -48,6 +57,9 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
             "fallback": left[0] - left[1] if len(left) > 1 else float("nan"),
             "first step": first - (budget - left[1]) if len(left) > 1 else float("nan"),
             "startup": first, "training": float(summary.get("training_seconds", "nan")),
+            "steps": float(summary.get("num_steps", "nan")),
+            "mfu %": float(summary.get("mfu_percent", "nan")),
+            "recompiles": float(done.stderr.count("Recompiling")),
             "line": fallback}  # type: ignore[dict-item]
 
 
@@ -60,14 +72,30 @@ def main() -> int:
                     help="keep Python's bytecode in the cache too (the process backend does when "
                          "torch has none of its own)")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="run a copy of train.py with COMPILE set to MODE (blocks, whole)")
+    ap.add_argument("--warm-runs", type=int, default=1, help="warm runs without cProfile")
+    ap.add_argument("--fresh-home", action="store_true",
+                    help="an empty HOME and TMPDIR for each run, as a trial gets")
+    ap.add_argument("--cuda-cache", action="store_true",
+                    help="keep the CUDA driver's JIT cache in the compile cache (CUDA_CACHE_PATH)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="startup-"))
     cache = tmp / "cache"
-    runs = [("cold", None), ("warm", None)] + \
+    train = REPO / "target" / "train.py"
+    if args.compile is not None:
+        text, n = re.subn(r"^COMPILE = \S+", f"COMPILE = {args.compile!r}", train.read_text(),
+                          count=1, flags=re.M)
+        if not n:
+            ap.error("no COMPILE line in train.py")
+        train = tmp / "train.py"
+        train.write_text(text)
+    runs = [("cold", None)] + [("warm", None)] * args.warm_runs + \
         ([] if args.no_profile else [("warm, cProfile", tmp / "warm.prof")])
     for name, prof in runs:
-        figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache)
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in figures.items() if k != "line"))
+        figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache, train,
+                      args.fresh_home, args.cuda_cache)
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "line"))
         print(f"  {figures['line']}", flush=True)
     if not args.no_profile:
         pstats.Stats(str(tmp / "warm.prof")).sort_stats("cumulative").print_stats(args.top)

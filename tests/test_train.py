@@ -34,10 +34,10 @@ GPU_KNOBS = {"DEPTH": 8, "WIDTH": 640, "HEAD_DIM": 128, "MLP_RATIO": 4, "ROPE_BA
              "TOTAL_BATCH": 2**18, "MATRIX_LR": 0.02, "MUON_MOMENTUM": 0.95, "NS_STEPS": 5,
              "EMBED_LR": 0.3, "HEAD_LR": 0.004, "ADAM_BETAS": (0.8, 0.95), "WEIGHT_DECAY": 0.0,
              "WARMUP_FRAC": 0.02, "WARMDOWN_FRAC": 0.4, "FINAL_LR_FRAC": 0.05,
-             "HOLDOUT_TOKENS": 2**16, "EVAL_EVERY_S": 10.0, "COMPILE": True, "PRINT_EVERY_S": 5.0}
+             "HOLDOUT_TOKENS": 2**16, "EVAL_EVERY_S": 10.0, "COMPILE": "blocks", "PRINT_EVERY_S": 5.0}
 CPU_KNOBS = {"DEPTH": 2, "WIDTH": 64, "HEAD_DIM": 16, "DROPOUT": 0.0, "SEQ_LEN": 128,
              "DEVICE_BATCH": 16, "TOTAL_BATCH": 16 * 128, "MATRIX_LR": 0.05, "EMBED_LR": 0.1,
-             "HEAD_LR": 0.03, "HOLDOUT_TOKENS": 2**11, "COMPILE": False, "PRINT_EVERY_S": 0.5}
+             "HEAD_LR": 0.03, "HOLDOUT_TOKENS": 2**11, "COMPILE": "", "PRINT_EVERY_S": 0.5}
 
 
 def env_for(out: Path, data: Path, budget: int = BUDGET) -> dict:
@@ -158,7 +158,7 @@ def test_the_reused_program_carries_the_trained_weights(small_data: Path, tmp_pa
     ([("        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n",
        "        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n"
        "        self.embed_scale = torch.tensor(1.0)\n"),
-      ("x = norm(self.wte(idx))", "x = norm(self.wte(idx)) * self.embed_scale")],
+      ("return norm(self.wte(idx)), ", "return norm(self.wte(idx)) * self.embed_scale, ")],
      False, "it carries embed_scale, not the model's parameter or buffer of that name"),
     # Python state read while tracing (here how many blocks run, grown after the first step):
     # the tensors are the model's, but the graph is the fallback's; seen only at the end.
@@ -187,6 +187,31 @@ def test_a_program_that_no_longer_fits_is_traced_again(small_data: Path, tmp_pat
         assert "final save: traced again" not in proc.stdout.replace(fallback_line, "")
     program = torch.export.load(out / "model.pt2")
     assert len(calls(program, "scaled_dot_product_attention")) == 2     # both blocks, as they run
+    verdict = score(out / "model.pt2", small_data)
+    assert verdict["status"] == "ok" and verdict["val_bpb"] < verdict["uniform_bpb"], verdict
+
+
+@pytest.mark.parametrize("mode", ["blocks", "whole"])
+def test_the_compiled_training_paths_train_and_export(small_data: Path, tmp_path: Path, mode):
+    """The GPU's compiled training, run on the CPU: COMPILE forced on, torch.compile's backend
+    aot_eager (Dynamo and AOTAutograd as on the GPU, no C++ compiler: inductor takes minutes on
+    2 cores). "blocks" compiles one graph that every block shares (no recompile for the second
+    block); both train, and the exported model, the eager model's, scores."""
+    out = tmp_path / "out"
+    path = variant(
+        tmp_path,
+        ('\nCOMPILE = "blocks" ', f'\nCOMPILE = {mode!r} '),
+        ('    COMPILE = ""  ', '    pass  '),
+        ("# ---- Model ----\n",
+         "# ---- Model ----\n_compile = torch.compile\n"
+         "torch.compile = lambda fn: _compile(fn, backend='aot_eager')\n"))
+    env = {**env_for(out, small_data, 20), "TORCH_LOGS": "recompiles"}
+    proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
+                          timeout=20 + 120)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert "Recompiling" not in proc.stderr, proc.stderr
+    summary = summary_of(proc.stdout)
+    assert int(summary["num_steps"]) > 5 and summary["export_reused"] == "1", proc.stdout
     verdict = score(out / "model.pt2", small_data)
     assert verdict["status"] == "ok" and verdict["val_bpb"] < verdict["uniform_bpb"], verdict
 
