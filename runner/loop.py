@@ -42,7 +42,8 @@ and the others are deleted. Only the kept line writes the cache the next candida
 after; the refs and the branch move last (`RunRepo.settle`). On start, `reconcile` redoes the
 last step for every record and returns the candidates that were committed but never recorded,
 which train first. So `kill -9` at any moment, then the same command, loses and duplicates
-nothing.
+nothing. One runner per run (`hold_run`): a second one on the same tag stops at once, before it
+sweeps a container or reads the ledger, instead of killing the first one's trials as orphans.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import fcntl
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -326,6 +329,28 @@ def reconcile(run: RunRepo, ledger: Ledger) -> list[Candidate]:
     return pending
 
 
+RUN_LOCK = "runner.lock"
+
+
+def hold_run(run_dir: Path, tag: str) -> int:
+    """Take the run's lock (`runs/<tag>/runner.lock`, flock: the kernel lets it go when the
+    process dies, however it dies) and note who holds it; returns its fd, which holds it until
+    closed. A run that another live runner holds raises InfrastructureError, saying which."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a runner"
+        os.close(fd)
+        raise InfrastructureError(
+            f"run {tag} is in use by another runner ({holder}): two runners on one run would "
+            f"sweep each other's trials; stop that one first, or use another --tag") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, since {datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+    return fd
+
+
 class Overnight:
     """One overnight run. Its fields are the state the steps share (under `lock` where the
     agent's thread and the slots' meet); its methods are the steps: `propose` (in the agent's
@@ -341,6 +366,14 @@ class Overnight:
         self.work = self.run_dir / "candidates"
         self.compile_cache = self.run_dir / "compile-cache"     # the kept line's (promote)
         self.trial_caches = self.run_dir / "trial-caches"       # scored trials' until decided
+        self.run_lock = hold_run(self.run_dir, cfg.tag)          # closed when run() ends
+        try:
+            self.setup(cfg, log)
+        except BaseException:
+            os.close(self.run_lock)
+            raise
+
+    def setup(self, cfg: LoopConfig, log: Callable[[str], None]) -> None:
         self.ledger = Ledger.open(self.run_dir)
         self.repo = open_run(cfg.tag, cfg.runs_dir, root=cfg.repo_root)
         self.state = LoopState(tag=cfg.tag, recent=self.ledger.records[-5:],
@@ -696,7 +729,14 @@ class Overnight:
     # ---- scheduling ----
 
     def run(self) -> Ledger:
-        """Schedule the steps until a limit is reached; then write the report."""
+        """Schedule the steps until a limit is reached; then write the report. The run's lock
+        goes when this returns or raises."""
+        try:
+            return self.schedule()
+        finally:
+            os.close(self.run_lock)
+
+    def schedule(self) -> Ledger:
         self.start()
         workers = len(self.cfg.gpus) * (2 if self.overlap else 1)   # training + scoring
         self.slots = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slot")

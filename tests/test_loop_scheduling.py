@@ -16,14 +16,6 @@ from runner.loop import LoopConfig, overnight
 from runner.sandbox import Outcome
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """No data set: the scripted trials read none, but records hash the manifest."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text("{}")
-    return tmp_path / "data"
-
-
 class Scripted:
     """An executor whose trials sleep `seconds(spec)` and score `val_bpb(spec)`; keeps every
     span."""
@@ -236,3 +228,50 @@ def test_remeasure_noise_on_resume_numbers_after_everything(project: Path, data:
     assert noise.seeds == [r["val_bpb"] for r in ledger.records[:3] + again[:3]]
     assert [len(g) for g in noise.same_seed] == [2, 2] and noise.same_seed_text() == \
         "over 4 runs of 2 seeds"
+
+
+# ---- one runner per run ----
+
+def test_a_second_runner_on_a_run_stops_before_it_sweeps(project: Path, data: Path):
+    """Another process holds the run (a runner's lock, taken the runner's way): a second runner
+    on that tag stops at once, naming it, without sweeping its trials or touching the ledger.
+    Once the holder dies (SIGKILL: no clean-up of its own), the run is free again, and a runner
+    that ended lets the next one resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from runner.loop import Overnight
+    from runner.sandbox import InfrastructureError
+
+    swept: list[str] = []
+
+    class Sweeping(Scripted):
+        def sweep_orphans(self, log):
+            swept.append("swept")
+            return 0
+
+    def cfg(n: int) -> LoopConfig:
+        return LoopConfig(tag="locked", budget=1, max_experiments=n, data_dir=data,
+                          runs_dir=project / "runs", repo_root=project, gpus=["a"],
+                          keep_rule="threshold", noise_runs=1, same_seed_runs=0,
+                          executor=Sweeping(lambda spec: 0.05, lambda spec: 1.0))
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from runner.loop import hold_run; hold_run(Path(sys.argv[1]), 'locked'); "
+         "print('held', flush=True); time.sleep(60)", str(project / "runs" / "locked")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InfrastructureError, match=f"in use by another runner \\(pid {holder.pid}"):
+            Overnight(cfg(2), log=lambda _: None)
+        assert swept == [] and not (project / "runs" / "locked" / "experiments.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    first = overnight(cfg(2), log=lambda _: None)
+    assert swept == ["swept"] and len(first.records) == 2
+    again = overnight(cfg(3), log=lambda _: None)            # the lock went with the first run
+    assert [r["number"] for r in again.records] == [0, 1, 2]
