@@ -1,7 +1,9 @@
-"""Shared fixtures: generated text corpora and a small prepared data set (vocab 512)."""
+"""Shared fixtures: generated text corpora, a small prepared data set (vocab 512), a data folder
+with a manifest only, and a lane that records what a backend asks of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from runner.sandbox import Lane
 
 REPO = Path(__file__).resolve().parent.parent
 PREPARE_PY = REPO / "prepare" / "prepare.py"
@@ -67,6 +71,33 @@ def project(tmp_path: Path) -> Path:
     """A git repository holding the project's train.py and program.md, committed."""
     from projects import make_project
     return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """No data set: scripted trials read none, but records hash the manifest."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    return tmp_path / "data"
+
+
+class Recording(Lane):
+    """A shared lane that notes what the backend asked of it: "trained" when the slot was
+    handed on, "alone" and "alone done" around a rescoring alone."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def trained(self) -> None:
+        self.events.append("trained")
+
+    @contextlib.contextmanager
+    def alone(self):
+        self.events.append("alone")
+        yield
+        self.events.append("alone done")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ ones (CPU, seconds of budget, bounded memory)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import subprocess
@@ -35,20 +34,12 @@ from pathlib import Path
 import pytest
 
 from attack_models import Slow, export
-from conftest import PREPARE_PY, REPO, docker_engine_missing, small_limits
+from conftest import PREPARE_PY, REPO, Recording, docker_engine_missing, small_limits
 from runner import record
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Lane, Limits, Outcome, TrialSpec, process_backend
 from runner.sandbox.base import SHARED_SCORER_MEMORY, score_in_lane
 from runner.trial import LocalTrials
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """No data set: the scripted trials read none, but records hash the manifest."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text("{}")
-    return tmp_path / "data"
 
 
 class Lanes:
@@ -204,24 +195,6 @@ GARBAGE = """
 import os
 open(os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"), "wb").write(b"PK" + b"x" * 100)
 """
-
-
-class Recording(Lane):
-    """A shared lane that notes what the backend asked of it."""
-
-    shared = True
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def trained(self) -> None:
-        self.events.append("trained")
-
-    @contextlib.contextmanager
-    def alone(self):
-        self.events.append("alone")
-        yield
-        self.events.append("alone done")
 
 
 def backend_trial(train_py: Path, data: Path, lane: Lane, budget: int = 10) -> Outcome:

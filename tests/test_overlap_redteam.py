@@ -12,7 +12,6 @@ what a stop, a co-tenant on the GPU or a model that fails on purpose can make of
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -23,18 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PREPARE_PY
+from conftest import PREPARE_PY, Recording
 from runner import record
 from runner.loop import LoopConfig, overnight
 from runner.sandbox import Lane, Outcome
 from runner.sandbox.base import score_in_lane
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text("{}")
-    return tmp_path / "data"
 
 
 class Killed(RuntimeError):
@@ -221,22 +213,6 @@ dims = {"idx": {0: torch.export.Dim("b", min=1, max=4096), 1: torch.export.Dim("
 ep = torch.export.export(Hog(), (torch.zeros(2, 16, dtype=torch.long),), dynamic_shapes=dims)
 prepare.save_model(ep, os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
 """
-
-
-class Recording(Lane):
-    shared = True
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def trained(self) -> None:
-        self.events.append("trained")
-
-    @contextlib.contextmanager
-    def alone(self):
-        self.events.append("alone")
-        yield
-        self.events.append("alone done")
 
 
 def test_a_rescoring_alone_draws_the_same_cuts(small_data: Path, tmp_path: Path, monkeypatch):
