@@ -14,9 +14,19 @@
 #                                      # MINUTES: GPU 0 scores beside the next trial, GPU 1 alone;
 #                                      # then GPU 0 one 300 s baseline (beside), GPU 1
 #                                      # bench/overlap_check.py (a memory hog beside the scorer)
+#   bash bench/gpu_lease.sh measure    # background, after warm2 (whose cold trials fill the
+#                                      # caches: compiled code, the driver's JIT, torch's bytecode
+#                                      # when torch has none): GPU 0 the 60 s loop scored beside
+#                                      # for MINUTES, then one 300 s baseline; GPU 1 two 300 s
+#                                      # baselines, one after the other (~11 minutes in all)
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
+# A background step must be followed by `wait` within the device's idle release (30 s), or the
+# machine is handed back and what runs in the background is lost with it:
+#   bash bench/gpu_lease.sh setup && bash bench/gpu_lease.sh warm2 && \
+#       MINUTES=4 bash bench/gpu_lease.sh measure && bash bench/gpu_lease.sh wait 420
+#   bash bench/gpu_lease.sh wait 300; bash bench/gpu_lease.sh collect   # the next calls, at once
 # Carried (ignored paths): .whl (gitpython, gitdb, smmap wheels) and .devdata/carry
 # (pysource.tar.xz: the prepared `pysource` set, xz-compressed to fit a carry; shakespeare).
 set -u
@@ -43,7 +53,18 @@ warm)
 warm2)
     for g in 0 1; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
         --noise-runs 1 --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
-    wait; ls -d $W/warm*/*/compile-cache ;;
+    wait; du -sh $W/warm*/*/compile-cache $W/warm*/*/compile-cache/pycache 2>&1 ;;
+measure)
+    L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
+        --same-seed-runs 0 --overlap-scoring"
+    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
+        --minutes ${MINUTES:-4} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
+        --out $W/yield-beside > $W/yield-beside.log 2>&1;
+        $L --gpus 0 --cache-from $W/warm0/pysource/compile-cache --out $W/long0 > $W/long0.log 2>&1" \
+        < /dev/null > /dev/null 2>&1 &
+    setsid nohup bash -c "for i in a b; do $L --gpus 1 --cache-from $W/warm1/pysource/compile-cache \
+        --out $W/long1\$i > $W/long1\$i.log 2>&1; done" < /dev/null > /dev/null 2>&1 &
+    sleep 3; tail -n 2 $W/yield-*.log $W/long1a.log ;;
 overlap)
     setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
         --minutes ${MINUTES:-5} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
@@ -71,12 +92,12 @@ yield)
 wait)
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && pgrep -f "bench/research_yield.py|bench/overlap_check.py" > /dev/null; do sleep 20
-        for f in $W/yield-*.log $W/long.log $W/hog.log; do [ -f $f ] && echo "$(date +%T) $f: $(tail -n 1 $f | cut -c1-150)"; done; done
+        for f in $W/yield-*.log $W/long*.log $W/hog.log; do [ -f $f ] && echo "$(date +%T) $f: $(tail -n 1 $f | cut -c1-150)"; done; done
     pgrep -f "bench/research_yield.py|bench/overlap_check.py" > /dev/null && echo "still running" || echo "all done" ;;
 collect)
     mkdir -p $OUT
     cp $W/*.log $OUT/ 2>/dev/null
-    for d in $W/warm0 $W/warm1 $W/yield-* $W/long; do [ -d $d ] || continue; n=$(basename $d)
+    for d in $W/warm0 $W/warm1 $W/yield-* $W/long*; do [ -d $d ] || continue; n=$(basename $d)
         mkdir -p $OUT/$n; cp $d/results.md $d/results.json $OUT/$n/ 2>/dev/null
         find $d -name experiments.jsonl | while read f; do cp $f $OUT/$n/; done; done
     nvidia-smi --query-gpu=index,name,driver_version --format=csv > $OUT/gpus.csv
