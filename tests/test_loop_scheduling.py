@@ -262,7 +262,8 @@ def test_a_second_runner_on_a_run_stops_before_it_sweeps(project: Path, data: Pa
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from runner.loop import hold_run; hold_run(Path(sys.argv[1]), 'locked'); "
          "print('held', flush=True); time.sleep(60)", str(project / "runs" / "locked")],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(InfrastructureError, match=f"in use by another runner \\(pid {holder.pid}"):
