@@ -257,7 +257,7 @@ def test_new_parameters_train_through_the_optimizer_groups(small_data: Path, tmp
         ("        self.wte = nn.Embedding(vocab_size, WIDTH)\n",
          "        self.wte = nn.Embedding(vocab_size, WIDTH)\n"
          "        self.extra = nn.Embedding(vocab_size, WIDTH)\n"),
-        ("x = norm(self.wte(idx))", "x = norm(self.wte(idx) + self.extra(idx))"),
+        ("return norm(self.wte(idx)), ", "return norm(self.wte(idx) + self.extra(idx)), "),
         ("MLP_RATIO = 4 ", "MLP_RATIO = 8 / 3 "),
         ("    HOLDOUT_TOKENS = 2**11\n", "    HOLDOUT_TOKENS = 0\n"))
     out = tmp_path / "out"
