@@ -221,14 +221,17 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx):
-        x, cos, sin = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.head(x)
+        return self.head(self.trunk(idx))
 
-    def embed(self, idx):
+    def trunk(self, idx, blocks=None):
+        # The residual stream before the head. Training passes its compiled blocks (`blocks`,
+        # the same modules wrapped); the export and the holdout checks run these.
         T = idx.size(1)
-        return norm(self.wte(idx)), self.cos[:, :, :T], self.sin[:, :, :T]
+        x = norm(self.wte(idx))
+        cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
+        for block in self.blocks if blocks is None else blocks:
+            x = block(x, cos, sin)
+        return x
 
     def head(self, x):
         logits = self.lm_head(norm(x))
@@ -370,20 +373,15 @@ def loss_fn(x, y):
 
 
 def compiled_loss():
-    """The loss of loss_fn, compiled as COMPILE says. The head is compiled with the
-    cross-entropy so the float32 logits need not be kept whole. With "blocks", the wrappers
-    share one compiled graph: the blocks differ only in their weights, which are its inputs."""
+    """loss_fn, compiled as COMPILE says, from the model's own methods (edit the model, not
+    this). The head is compiled with the cross-entropy so the float32 logits need not be kept
+    whole. With "blocks", the wrappers share one compiled graph: the blocks differ only in
+    their weights, which are its inputs."""
     if COMPILE == "whole":
         return torch.compile(loss_fn)
     blocks = [torch.compile(block) for block in model.blocks]
     head_loss = torch.compile(lambda h, y: F.cross_entropy(model.head(h).flatten(0, 1), y.flatten()))
-
-    def train_loss(x, y):
-        h, cos, sin = model.embed(x)
-        for block in blocks:
-            h = block(h, cos, sin)
-        return head_loss(h, y)
-    return train_loss
+    return lambda x, y: head_loss(model.trunk(x, blocks), y)
 
 
 train_loss = compiled_loss() if COMPILE else loss_fn

@@ -158,15 +158,15 @@ def test_the_reused_program_carries_the_trained_weights(small_data: Path, tmp_pa
     ([("        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n",
        "        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n"
        "        self.embed_scale = torch.tensor(1.0)\n"),
-      ("return norm(self.wte(idx)), ", "return norm(self.wte(idx)) * self.embed_scale, ")],
+      ("x = norm(self.wte(idx))", "x = norm(self.wte(idx)) * self.embed_scale")],
      False, "it carries embed_scale, not the model's parameter or buffer of that name"),
     # Python state read while tracing (here how many blocks run, grown after the first step):
     # the tensors are the model's, but the graph is the fallback's; seen only at the end.
     ([("        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n",
        "        self.lm_head = nn.Linear(WIDTH, vocab_size, bias=False)\n"
        "        self.active = 1\n"),
-      ("        for block in self.blocks:\n            x = block(x, cos, sin)\n",
-       "        for block in self.blocks[: self.active]:\n            x = block(x, cos, sin)\n"),
+      ("        for block in self.blocks if blocks is None else blocks:\n",
+       "        for block in (self.blocks if blocks is None else blocks)[: self.active]:\n"),
       ("        startup_seconds = now - budget_start ",
        "        model.active = DEPTH\n        startup_seconds = now - budget_start ")],
      True, "it no longer computes what the model computes"),
@@ -196,7 +196,7 @@ def test_the_compiled_training_paths_train_and_export(small_data: Path, tmp_path
     """The GPU's compiled training, run on the CPU: COMPILE forced on, torch.compile's backend
     aot_eager (Dynamo and AOTAutograd as on the GPU, no C++ compiler: inductor takes minutes on
     2 cores). "blocks" compiles one graph that every block shares (no recompile for the second
-    block); both train, and the exported model, the eager model's, scores."""
+    block); both compute the eager model's loss, train, and the exported model scores."""
     out = tmp_path / "out"
     path = variant(
         tmp_path,
@@ -204,14 +204,20 @@ def test_the_compiled_training_paths_train_and_export(small_data: Path, tmp_path
         ('    COMPILE = ""  ', '    pass  '),
         ("# ---- Model ----\n",
          "# ---- Model ----\n_compile = torch.compile\n"
-         "torch.compile = lambda fn: _compile(fn, backend='aot_eager')\n"))
-    env = {**env_for(out, small_data, 20), "TORCH_LOGS": "recompiles"}
+         "torch.compile = lambda fn: _compile(fn, backend='aot_eager')\n"),
+        ("train_loss = compiled_loss() if COMPILE else loss_fn\n",
+         "train_loss = compiled_loss() if COMPILE else loss_fn\n"
+         "_b = next(loader)                    # a training batch: the shapes that train\n"
+         "print('SAME', bool(torch.allclose(train_loss(*_b), loss_fn(*_b), atol=1e-5)), "
+         "flush=True)\n"))
+    env = {**env_for(out, small_data, 30), "TORCH_LOGS": "recompiles"}
     proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
-                          timeout=20 + 120)
+                          timeout=30 + 120)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     assert "Recompiling" not in proc.stderr, proc.stderr
+    assert "SAME True" in proc.stdout, proc.stdout         # what trains is what is exported
     summary = summary_of(proc.stdout)
-    assert int(summary["num_steps"]) > 5 and summary["export_reused"] == "1", proc.stdout
+    assert int(summary["num_steps"]) > 2 and summary["export_reused"] == "1", proc.stdout
     verdict = score(out / "model.pt2", small_data)
     assert verdict["status"] == "ok" and verdict["val_bpb"] < verdict["uniform_bpb"], verdict
 
@@ -257,7 +263,7 @@ def test_new_parameters_train_through_the_optimizer_groups(small_data: Path, tmp
         ("        self.wte = nn.Embedding(vocab_size, WIDTH)\n",
          "        self.wte = nn.Embedding(vocab_size, WIDTH)\n"
          "        self.extra = nn.Embedding(vocab_size, WIDTH)\n"),
-        ("return norm(self.wte(idx)), ", "return norm(self.wte(idx) + self.extra(idx)), "),
+        ("x = norm(self.wte(idx))", "x = norm(self.wte(idx) + self.extra(idx))"),
         ("MLP_RATIO = 4 ", "MLP_RATIO = 8 / 3 "),
         ("    HOLDOUT_TOKENS = 2**11\n", "    HOLDOUT_TOKENS = 0\n"))
     out = tmp_path / "out"
