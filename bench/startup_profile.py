@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from runner.sandbox import cache as compile_cache  # noqa: E402  (the folders a trial gets)
 
 
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
@@ -34,10 +37,12 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         fresh_home: bool = False, cuda_cache: bool = False) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
            "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_OUT": str(cache.parent / "out"),
-           "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+           **compile_cache.env(str(cache))}
+    if not cuda_cache:              # the driver's JIT cache where the driver puts it by default
+        env.pop("CUDA_CACHE_PATH")
     if bytecode:                    # as the process backend does for a torch without bytecode
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(cache / "pycache")
+        env.update(compile_cache.bytecode_env(str(cache)))
     (cache.parent / "out").mkdir(exist_ok=True)
     cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
         [str(train)]
@@ -45,8 +50,6 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     env["TORCH_LOGS"] = "recompiles"
     if fresh_home:                  # as the backends do: an empty HOME and TMPDIR per run
         env["HOME"] = env["TMPDIR"] = tempfile.mkdtemp(prefix="home-")
-    if cuda_cache:                  # as they do since: the driver's JIT cache with the others
-        env["CUDA_CACHE_PATH"] = str(cache / "nv")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
     out = done.stdout
     left = [float(x) for x in re.findall(r"left:? +([\d.]+)s", out)]
