@@ -2,7 +2,8 @@
 the first step; cold and warm compile cache.
 
     python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
-        [--bytecode-cache] [--fresh-home] [--cuda-cache] [--warm-runs N] [--no-profile]
+        [--bytecode-cache] [--fresh-home] [--cuda-cache] [--runner-env] [--move-cache] \
+        [--warm-runs N] [--no-profile]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
 prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
@@ -11,7 +12,11 @@ line (imports, data, model), `fallback` = to the "fallback saved" line, `first s
 end of the first step (`startup_seconds`); then its steps, MFU and Dynamo's recompiles
 (TORCH_LOGS=recompiles). The profiled run's top functions by cumulative time go to
 stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for shares, not
-seconds). Needs a GPU to say anything about one; runs anywhere.
+seconds). `--runner-env` launches it as the process backend launches a trial (its scrubbed
+environment, limits and launcher; a fresh home; the driver's JIT cache and, for a torch without
+bytecode, the bytecode in the cache), and `--move-cache` gives each run a copy of the cache at a
+new path, as each trial gets: together, a trial without the runner around it. Needs a GPU to say
+anything about one; runs anywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import os
 import pstats
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,12 +36,19 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from runner.sandbox import cache as compile_cache  # noqa: E402  (the folders a trial gets)
+from runner.sandbox import process_backend  # noqa: E402  (how it launches a trial)
 
 
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         bytecode: bool = False, train: Path = REPO / "target" / "train.py",
-        fresh_home: bool = False, cuda_cache: bool = False) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
+        fresh_home: bool = False, cuda_cache: bool = False,
+        runner_env: bool = False) -> dict[str, float]:
+    base = dict(os.environ)
+    if runner_env:                  # the process backend's scrubbed environment, fresh home
+        home = Path(tempfile.mkdtemp(prefix="trial-"))
+        base = process_backend.build_env(home, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        cuda_cache, bytecode = True, not process_backend.installed_bytecode()
+    env = {**base, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
            "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_OUT": str(cache.parent / "out"),
            **compile_cache.env(str(cache))}
     if not cuda_cache:              # the driver's JIT cache where the driver puts it by default
@@ -50,7 +63,16 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     env["TORCH_LOGS"] = "recompiles"
     if fresh_home:                  # as the backends do: an empty HOME and TMPDIR per run
         env["HOME"] = env["TMPDIR"] = tempfile.mkdtemp(prefix="home-")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
+    if runner_env:                  # its launcher and limits, output read as it reads it
+        with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+            limits = process_backend.rlimits_for(2**40, env["CUDA_VISIBLE_DEVICES"], 2**32)
+            proc = process_backend.launch(cmd, REPO, env, limits, out_f, err_f)
+            proc.wait(timeout=budget + 120)
+            out_f.seek(0), err_f.seek(0)
+            done = subprocess.CompletedProcess(cmd, proc.returncode, out_f.read().decode(),
+                                               err_f.read().decode())
+    else:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
     out = done.stdout
     left = [float(x) for x in re.findall(r"left:? +([\d.]+)s", out)]
     summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
@@ -82,6 +104,11 @@ def main() -> int:
                     help="an empty HOME and TMPDIR for each run, as a trial gets")
     ap.add_argument("--cuda-cache", action="store_true",
                     help="keep the CUDA driver's JIT cache in the compile cache (CUDA_CACHE_PATH)")
+    ap.add_argument("--move-cache", action="store_true",
+                    help="each run gets a copy of the cache at a new path, as each trial does")
+    ap.add_argument("--runner-env", action="store_true",
+                    help="launch as the process backend launches a trial: its environment, limits "
+                         "and launcher (implies --fresh-home, --cuda-cache and the bytecode rule)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="startup-"))
     cache = tmp / "cache"
@@ -95,9 +122,14 @@ def main() -> int:
         train.write_text(text)
     runs = [("cold", None)] + [("warm", None)] * args.warm_runs + \
         ([] if args.no_profile else [("warm, cProfile", tmp / "warm.prof")])
-    for name, prof in runs:
+    for i, (name, prof) in enumerate(runs):
+        if args.move_cache and cache.exists():      # a private copy at a new path per run
+            moved = tmp / f"cache-{i}"
+            shutil.copytree(cache, moved, symlinks=True)
+            shutil.rmtree(cache)
+            cache = moved
         figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache, train,
-                      args.fresh_home, args.cuda_cache)
+                      args.fresh_home, args.cuda_cache, args.runner_env)
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "line"))
         print(f"  {figures['line']}", flush=True)
     if not args.no_profile:
