@@ -433,6 +433,52 @@ def test_process_trial_gets_a_private_copy_and_leaves_a_filtered_one(tmp_path, s
     check_planter_output(tmp_path / "t1", before, "p1")
 
 
+# After its own entries: the cache's top-level folders, or the cache itself, swapped for links
+# to the host's folders and to the trial's folder above the cache.
+RELINK = {
+    "its folders": """
+import shutil
+shutil.rmtree(os.path.join(ROOT, "triton"))
+os.symlink("/", os.path.join(ROOT, "triton"))
+shutil.rmtree(nv)
+os.symlink("/etc", nv)
+os.symlink("..", os.path.join(ROOT, "up"))
+""",
+    "the cache itself": """
+import shutil
+shutil.rmtree(ROOT)
+os.symlink("/", ROOT)
+""",
+}
+
+
+@pytest.mark.parametrize("how", RELINK.values(), ids=RELINK.keys())
+def test_process_trial_that_swaps_cache_folders_for_links_gives_back_none_of_them(
+        tmp_path, small_data, how):
+    """The read-back opens each folder without following a link, the cache's own root too:
+    what comes back is the regular entries left, and nothing of what the links point at (the
+    host's root, /etc, the trial's folder with its model and output)."""
+    from runner.trial import run_trial
+    kept = run_cache(tmp_path / "run")
+    before = tree(kept)
+    source = render(CANDIDATE, "r1").replace("V = prepare.load_meta()",
+                                              how + 'print("RELINKED", flush=True)\n'
+                                              "V = prepare.load_meta()")
+    rec = run_trial(spec(tmp_path, small_data, source, 1, kept, tmp_path / "t1"), "process")
+    assert rec["status"] == "ok" and "RELINKED" in rec["log_tail"], rec
+    assert tree(kept) == before                                  # the run's cache untouched
+    got = tree(tmp_path / "t1") if (tmp_path / "t1").exists() else {}
+    if how == RELINK["its folders"]:
+        assert rec["compile_cache"]["out"] == "taken" and rec["compile_cache"]["skipped"] == 3
+        entry = hashlib.sha256(b"graph of r1\n").hexdigest()
+        assert got == {"inductor": "dir", "inductor/fxgraph": "dir", "inductor/fxgraph/ab": "dir",
+                       "inductor/fxgraph/ab/entry": before["inductor/fxgraph/ab/entry"],
+                       "inductor/fxgraph/r1": "dir", "inductor/fxgraph/r1/entry": entry}
+    else:
+        # The link at the root is not opened: an empty cache, which a keep may make the run's.
+        assert got == {} and rec["compile_cache"]["out_files"] == 0, rec["compile_cache"]
+
+
 def test_process_trial_keeps_bytecode_only_for_an_installation_without_it(
         tmp_path, small_data, monkeypatch):
     """An interpreter whose torch has its bytecode (this machine's): no bytecode in the cache.
