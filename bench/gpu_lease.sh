@@ -19,6 +19,9 @@
 #                                      # when torch has none): GPU 0 the 60 s loop scored beside
 #                                      # for MINUTES, then one 300 s baseline; GPU 1 two 300 s
 #                                      # baselines, one after the other (~11 minutes in all)
+#   bash bench/gpu_lease.sh alone      # background, after warm2: GPU 0 alone (GPU 1 idle) the
+#                                      # 60 s loop scored beside for MINUTES, then one 300 s
+#                                      # baseline: the figures without a second GPU's work
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -27,6 +30,8 @@
 #   bash bench/gpu_lease.sh setup && bash bench/gpu_lease.sh warm2 && \
 #       MINUTES=4 bash bench/gpu_lease.sh measure && bash bench/gpu_lease.sh wait 420
 #   bash bench/gpu_lease.sh wait 300; bash bench/gpu_lease.sh collect   # the next calls, at once
+# Logs and results stay under out/ (ignored): a call's working tree is replaced by the next
+# call's, and what a call starts without setsid ends with it.
 # Carried (ignored paths): .whl (gitpython, gitdb, smmap wheels) and .devdata/carry
 # (pysource.tar.xz: the prepared `pysource` set, xz-compressed to fit a carry; shakespeare).
 set -u
@@ -65,6 +70,15 @@ measure)
     setsid nohup bash -c "for i in a b; do $L --gpus 1 --cache-from $W/warm1/pysource/compile-cache \
         --out $W/long1\$i > $W/long1\$i.log 2>&1; done" < /dev/null > /dev/null 2>&1 &
     sleep 3; tail -n 2 $W/yield-*.log $W/long1a.log ;;
+alone)
+    L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
+        --same-seed-runs 0 --overlap-scoring"
+    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
+        --minutes ${MINUTES:-4} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
+        --out $W/yield-solo > $W/yield-solo.log 2>&1;
+        $L --gpus 0 --cache-from $W/warm0/pysource/compile-cache --out $W/long0 > $W/long0.log 2>&1" \
+        < /dev/null > /dev/null 2>&1 &
+    sleep 3; tail -n 2 $W/yield-solo.log ;;
 overlap)
     setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
         --minutes ${MINUTES:-5} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
