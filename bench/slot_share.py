@@ -12,6 +12,11 @@ are in the ledger only as their seconds, so they count in the run's totals, not 
 - **steps**: the candidate's reported training window (`reported_training_seconds`, else the
   summary's `training_seconds`): the seconds its own clock counted in training steps. What the
   candidate says, not the runner's measure; good enough for where the time goes.
+- **setup / fallback / first step**: the start-up in three, from the lines the baseline's
+  train.py prints (its `device:` line and its `fallback saved:` line, each with the seconds
+  left): process start to the first line (imports, data, model), the fallback's check, trace
+  and save, the rest (compilation or the cache's load, and one step); "-" for a train.py that
+  prints no such lines.
 - **train**, **score**, **build**: the runner's phase seconds (`phases`); train is the whole
   training process on the runner's clock (start-up, steps, holdout checks, export).
 - **slot**: the seconds its slot was taken: `slot_seconds` (from the start to the moment the
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +44,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FIGURES = ("startup", "steps", "train", "score", "build", "slot", "share")
+FIGURES = ("startup", "setup", "fallback", "first", "steps", "train", "score", "build", "slot",
+           "share")
+DEVICE_LINE = re.compile(r"^device: .*\bleft: ([\d.]+)s\s*$", re.M)
+FALLBACK_LINE = re.compile(r"^fallback saved: .*\bleft ([\d.]+)s\s*$", re.M)
 
 
 def _num(value: Any) -> float | None:
@@ -60,6 +69,22 @@ def cache_state(rec: Mapping[str, Any]) -> str:
     return "unknown"
 
 
+def startup_parts(rec: Mapping[str, Any], startup: float | None) -> dict[str, float | None]:
+    """setup, fallback and first step (the module's docstring) from the record's log tail."""
+    budget, log = _num(rec.get("budget")), rec.get("log_tail")
+    parts: dict[str, float | None] = {"setup": None, "fallback": None, "first": None}
+    device = DEVICE_LINE.search(log) if isinstance(log, str) else None
+    fallback = FALLBACK_LINE.search(log) if isinstance(log, str) else None
+    if budget is None or device is None:
+        return parts
+    parts["setup"] = budget - float(device.group(1))
+    if fallback is not None:
+        parts["fallback"] = float(device.group(1)) - float(fallback.group(1))
+        if startup is not None:
+            parts["first"] = startup - (budget - float(fallback.group(1)))
+    return parts
+
+
 def trial_figures(rec: Mapping[str, Any]) -> dict[str, Any]:
     """One trial's figures (the module's docstring); None where the record lacks them."""
     summary = rec.get("summary") if isinstance(rec.get("summary"), Mapping) else {}
@@ -75,7 +100,8 @@ def trial_figures(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {"number": rec.get("number"), "role": rec.get("role") or "candidate",
             "status": rec.get("trial_status") or rec.get("status"), "cache": cache_state(rec),
             "stopped": bool(rec.get("stopped_at_deadline")),
-            "budget": _num(rec.get("budget")), "startup": startup, "steps": steps,
+            "budget": _num(rec.get("budget")), "startup": startup,
+            **startup_parts(rec, startup), "steps": steps,
             "train": _num(phases.get("train")), "score": _num(phases.get("score")),
             "build": _num(phases.get("build")), "slot": slot,
             "share": steps / slot if steps is not None and slot else None}
@@ -123,11 +149,13 @@ def _pct(share: float | None) -> str:
 
 def markdown(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]], title: str = "") -> str:
     lines = [f"Slot time of {title}:" if title else "Slot time:", "",
-             "| # | role | status | cache | start-up s | steps s | train s | score s | slot s "
-             "| steps / slot |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| # | role | status | cache | start-up s | setup / fallback / first step s | steps s "
+             "| train s | score s | slot s | steps / slot |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['number']} | {r['role']} | {r['status']} | {r['cache']} | "
-                     f"{_f(r['startup'])} | {_f(r['steps'])} | {_f(r['train'])} | {_f(r['score'])} | "
+                     f"{_f(r['startup'])} | {_f(r['setup'])} / {_f(r['fallback'])} / "
+                     f"{_f(r['first'])} | {_f(r['steps'])} | {_f(r['train'])} | {_f(r['score'])} | "
                      f"{_f(r['slot'])} | {_pct(r['share'])} |")
     lines += ["", "| cache | trials | start-up s (median) | score s (median) | slot s (median) "
               "| steps / slot (median) | steps / slot (pooled) |",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,12 +18,12 @@ import slot_share  # noqa: E402
 
 
 def trial(number: int, cache: str | None, startup: float | None, steps: float, slot: float,
-          score: float = 10.0, in_summary: bool = False) -> dict:
+          score: float = 10.0, in_summary: bool = False, log: str = "") -> dict:
     rec = {"version": 3, "id": f"t-{number}", "run": "t", "number": number, "role": "candidate",
            "status": "discard", "trial_status": "ok", "budget": 60, "wall_seconds": slot,
            "phases": {"build": 1.0, "train": 62.0, "score": score, "cleanup": 0.1},
            "reported_training_seconds": None if in_summary else steps,
-           "summary": {"training_seconds": str(steps)}}
+           "summary": {"training_seconds": str(steps)}, "log_tail": log}
     if startup is not None:
         if in_summary:
             rec["summary"]["startup_seconds"] = str(startup)
@@ -31,8 +34,15 @@ def trial(number: int, cache: str | None, startup: float | None, steps: float, s
     return rec
 
 
+# A 60 s trial's lines as train.py prints them (shortened): 4.3 s to the first, 3.7 s more to
+# the fallback's.
+LOG = ("device: cuda  params: 49.81M  depth: 8  budget: 60s  left: 55.7s\n"
+       "fallback saved: holdout loss 9.0113, check 0.76s, trace 1.79s, margin 3.8s (final save: "
+       "this program saved again), left 52.0s\nstep     9    0.5%  loss 8.8010  left  44.8s\n")
+
+
 def records() -> list[dict]:
-    return [trial(0, "cold", 35.0, 25.0, 100.0),
+    return [trial(0, "cold", 35.0, 25.0, 100.0, log=LOG),
             trial(1, "warm", 8.0, 50.0, 80.0, score=8.0),
             trial(2, "warm", 6.0, 54.0, 75.0, in_summary=True),  # older train.py: summary only
             trial(3, None, None, 40.0, 90.0),                   # before compile_cache existed
@@ -45,6 +55,9 @@ def test_figures_per_trial_and_per_cache_state():
     assert [r["number"] for r in rows] == [0, 1, 2, 3]
     assert [r["cache"] for r in rows] == ["cold", "warm", "warm", "unknown"]
     assert [r["startup"] for r in rows] == [35.0, 8.0, 6.0, None]
+    assert rows[0]["setup"] == pytest.approx(4.3) and rows[0]["fallback"] == pytest.approx(3.7)
+    assert rows[0]["first"] == pytest.approx(35.0 - 8.0)
+    assert [r["setup"] for r in rows[1:]] == [None] * 3             # no such lines: unknown
     assert [r["steps"] for r in rows] == [25.0, 50.0, 54.0, 40.0]
     assert rows[0]["share"] == pytest.approx(0.25) and rows[1]["score"] == 8.0
     groups = slot_share.summarise(rows)
@@ -62,7 +75,9 @@ def test_command_on_a_run_folder(tmp_path):
     script = str(REPO / "bench" / "slot_share.py")
     text = subprocess.run([sys.executable, script, str(run)], capture_output=True, text=True,
                           check=True, timeout=60).stdout
-    assert "| 0 | candidate | ok | cold | 35.0 | 25.0 | 62.0 | 10.0 | 100.0 | 25% |" in text
+    assert "| 0 | candidate | ok | cold | 35.0 | 4.3 / 3.7 / 27.0 | 25.0 | 62.0 | 10.0 | 100.0 | 25% |" \
+        in text
+    assert "| 1 | candidate | ok | warm | 8.0 | - / - / - | 50.0 |" in text
     assert "| warm | 2 | 7.0 | 9.0 | 77.5 | 67% | 67% |" in text
     data = json.loads(subprocess.run([sys.executable, script, str(run), "--json"],
                                      capture_output=True, text=True, check=True, timeout=60).stdout)
@@ -77,7 +92,7 @@ def test_a_budget_too_small_to_train_is_said():
     rows = slot_share.trials([frozen, trial(1, "warm", 8.0, 50.0, 80.0)])
     assert rows[0]["steps"] is None and rows[0]["share"] is None
     text = slot_share.markdown(rows, slot_share.summarise(rows))
-    assert "| 0 | candidate | ok | cold | - | - | 62.0 | 10.0 | 34.0 | - |" in text
+    assert "| 0 | candidate | ok | cold | - | - / - / - | - | 62.0 | 10.0 | 34.0 | - |" in text
     assert "1 of 2 trials were stopped at the deadline" in text
     assert "were stopped" not in slot_share.markdown(rows[1:], slot_share.summarise(rows[1:]))
 
@@ -89,3 +104,19 @@ def test_a_trial_scored_beside_the_next_counts_its_slot_until_it_was_killed():
     row = slot_share.trials([shared])[0]
     assert row["slot"] == 61.0 and row["share"] == pytest.approx(50.0 / 61.0)
     assert slot_share.trials([trial(2, "warm", 8.0, 50.0, 75.0)])[0]["slot"] == 75.0
+
+
+def test_the_start_up_split_reads_train_pys_own_lines(small_data, tmp_path):
+    """On what target/train.py prints (a short CPU run): setup, fallback and first step are
+    found, each a part of the start-up it reports."""
+    budget = 15
+    env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "CUDA_VISIBLE_DEVICES": "",
+           "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_DEADLINE": str(time.time() + budget),
+           "AUTORESEARCH_OUT": str(tmp_path), "AUTORESEARCH_DATA_DIR": str(small_data)}
+    proc = subprocess.run([sys.executable, str(REPO / "target" / "train.py")], env=env,
+                          capture_output=True, text=True, timeout=budget + 120)
+    assert proc.returncode == 0, proc.stderr
+    startup = float(re.search(r"^startup_seconds: ([\d.]+)$", proc.stdout, re.M).group(1))
+    rec = {**trial(0, "warm", startup, 5.0, 20.0), "budget": budget, "log_tail": proc.stdout}
+    row = slot_share.trials([rec])[0]
+    assert all(row[k] is not None and 0 < row[k] < startup for k in ("setup", "fallback", "first")), row
