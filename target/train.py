@@ -9,8 +9,8 @@ How it keeps the rules of program.md:
   compilation, holdout checks and the export all count. At the deadline the runner freezes
   the process and scores the last model.pt2 it saved. So the script plans on
   prepare.time_left(): it saves a fallback model at once (which measures what the last check
-  and the final save will take), trains until only that margin is left, then saves the best
-  weights. The final save reuses the fallback's traced program when it still holds the model's
+  and the final save will take; each check in training measures the check again), trains
+  until only that margin is left, then saves the best weights. The final save reuses the fallback's traced program when it still holds the model's
   own tensors (the best weights are copied into them in place, so it holds them too) and
   computes what the model computes; otherwise it traces again, and the margin plans for that.
   Every save goes through prepare.save_model (write, then rename: never half a model).
@@ -94,7 +94,8 @@ GPU = DEVICE == "cuda"
 TIME_BUDGET = prepare.TIME_BUDGET   # wall seconds, everything counts; the moment: prepare.DEADLINE
 # The margin kept at the end for the last holdout check and the final save, from the fallback's
 # own timings: the save alone when the final save will reuse the fallback's program (measured
-# on a first call, so on the safe side), the trace and the save when it will not.
+# on a first call, so on the safe side), the trace and the save when it will not; the check
+# from the fallback's (a first call too) until the checks in training measure it.
 EXPORT_SAFETY = 1.5             # keep this many times the measured last check + final save ...
 EXPORT_SLACK_S = 1.0            # ... plus these seconds, for the runner's own jitter
 PEAK_FLOPS = 989.5e12           # dense bf16 FLOP/s of an H100/H200, for MFU
@@ -493,13 +494,15 @@ print(f"fallback saved: {checked}, trace {trace_seconds:.2f}s, save {save_second
 # ---- Training ----
 # The schedule runs on the time left: from the end of the first step (which pays for
 # compilation and, at learning rate 0 with warm-up, fills the optimizer statistics) to the
-# deadline less the margin. A step is not started if it would end inside the margin.
+# deadline less the margin. A step is not started if it would end inside the margin. Each
+# holdout check measures the check again, and the margin and the window's end follow it.
 
 step = 0
 smooth_loss = 0.0
 last_print = time.time()
 train_start = train_end = next_eval = 0.0
 startup_seconds = dt = 0.0
+slowest_check = 0.0                      # of the holdout checks in training (see below)
 x, y = next(loader)
 while True:
     sync()
@@ -543,12 +546,19 @@ while True:
               f"tok/s {tok_s:9.0f}{mfu}  left {prepare.time_left():5.1f}s", flush=True)
     if holdout and (now >= next_eval or done):
         next_eval = now + EVAL_EVERY_S
+        t_check = time.time()
         loss_h = holdout_loss()
         if loss_h < best_loss:
             best_loss, best_at = loss_h, now - train_start
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # The fallback's check was a first call (kernels loaded, caches filled); the checks in
+        # training are what the last one will be like. The margin follows the slowest of them.
+        check_seconds = time.time() - t_check
+        slowest_check = max(slowest_check, check_seconds)
+        margin = EXPORT_SAFETY * (slowest_check + final_save_seconds) + EXPORT_SLACK_S
+        train_end = max(train_start, prepare.DEADLINE - margin)
         print(f"holdout loss {loss_h:.4f} at {now - train_start:.0f}s (best {best_loss:.4f} at "
-              f"{best_at:.0f}s)", flush=True)
+              f"{best_at:.0f}s), check {check_seconds:.2f}s, margin {margin:.1f}s", flush=True)
     if done:
         break
 training_seconds = time.time() - train_start

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,6 +115,39 @@ def test_train_export_and_score(small_data: Path, tmp_path: Path):
     verdict = score(out / "model.pt2", small_data)
     assert verdict["status"] == "ok", verdict
     assert verdict["val_bpb"] < verdict["uniform_bpb"], verdict      # learnt something
+
+
+def test_the_margin_follows_the_checks_in_training(small_data: Path, tmp_path: Path, monkeypatch):
+    """The fallback's check is a first call; here it is made 2 s slow. The margin it sets is
+    kept only until the checks in training measure the check again: each holdout line's margin
+    is EXPORT_SAFETY x (the slowest check in training + the final save) + EXPORT_SLACK_S, and
+    the run trains into the seconds the slow first check would have kept, still ending before
+    the deadline with the fallback's program saved again."""
+    path = variant(tmp_path, ("def holdout_loss():\n    model.eval()\n",
+                              "def holdout_loss():\n"
+                              "    if not getattr(holdout_loss, 'slowed', False):   # the first call\n"
+                              "        holdout_loss.slowed = True\n"
+                              "        time.sleep(2.0)\n"
+                              "    model.eval()\n"))
+    proc = train(path, tmp_path / "out", small_data)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    knobs = settings(False, monkeypatch)
+    fallback = re.search(r"^fallback saved: .*check ([\d.]+)s, .*save ([\d.]+)s, "
+                         r"reuse check ([\d.]+)s, margin ([\d.]+)s", proc.stdout, re.M)
+    assert fallback, proc.stdout
+    first_check, save_s, reuse_s, first_margin = map(float, fallback.groups())
+    assert first_check >= 2.0
+    checks = re.findall(r"^holdout loss .*, check ([\d.]+)s, margin ([\d.]+)s$", proc.stdout, re.M)
+    assert len(checks) >= 3, proc.stdout
+    slowest = 0.0
+    for check, margin in checks:
+        slowest = max(slowest, float(check))
+        want = knobs["EXPORT_SAFETY"] * (slowest + save_s + reuse_s) + knobs["EXPORT_SLACK_S"]
+        assert float(margin) == pytest.approx(want, abs=0.1), (check, margin, want)
+    assert float(checks[0][1]) < first_margin - 2
+    summary = summary_of(proc.stdout)
+    assert 0 < float(summary["left_seconds"]) < first_margin - 2, proc.stdout
+    assert summary["export_reused"] == "1"
 
 
 def calls(program, name: str) -> list:
