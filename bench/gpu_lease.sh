@@ -22,6 +22,11 @@
 #   bash bench/gpu_lease.sh alone      # background, after warm2: GPU 0 alone (GPU 1 idle) the
 #                                      # 60 s loop scored beside for MINUTES, then one 300 s
 #                                      # baseline: the figures without a second GPU's work
+#   bash bench/gpu_lease.sh provenance # after warm2, ~6 min in the foreground, GPU 0 only: by hand
+#                                      # in the runner's environment (cold, then warm), keeping
+#                                      # its cache; then a 60 s runner trial on that cache and
+#                                      # one on warm0's (made by a runner trial): is the runner's
+#                                      # slower first step the cache's making or the runner?
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -70,6 +75,19 @@ measure)
     setsid nohup bash -c "for i in a b; do $L --gpus 1 --cache-from $W/warm1/pysource/compile-cache \
         --out $W/long1\$i > $W/long1\$i.log 2>&1; done" < /dev/null > /dev/null 2>&1 &
     sleep 3; tail -n 2 $W/yield-*.log $W/long1a.log ;;
+provenance)
+    S="python bench/startup_profile.py --data $W/data/pysource --budget 60 --no-profile \
+        --runner-env --move-cache"
+    CUDA_VISIBLE_DEVICES=0 $S --warm-runs 1 --keep-cache $W/hand-cache > $W/hand.log 2>&1
+    R="$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 --minutes 1 --noise-runs 1 \
+        --same-seed-runs 0"
+    $R --cache-from $W/hand-cache --out $W/on-hand > $W/on-hand.log 2>&1
+    $R --cache-from $W/warm0/pysource/compile-cache --out $W/on-runner > $W/on-runner.log 2>&1
+    cat $W/hand.log
+    for d in on-hand on-runner; do
+        python bench/slot_share.py "$(dirname "$(find $W/$d -name experiments.jsonl)")" | sed -n 3,5p; done
+    for c in $W/hand-cache $W/warm0/pysource/compile-cache; do
+        echo "$c: $(find $c -type f | wc -l) files"; (cd $c && du -s --apparent-size * ; find nv -type f | head -5); done ;;
 alone)
     L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
         --same-seed-runs 0 --overlap-scoring"

@@ -3,7 +3,7 @@ the first step; cold and warm compile cache.
 
     python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
         [--bytecode-cache] [--fresh-home] [--cuda-cache] [--runner-env] [--move-cache] \
-        [--warm-runs N] [--no-profile]
+        [--keep-cache DIR] [--warm-runs N] [--no-profile]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
 prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
@@ -106,6 +106,8 @@ def main() -> int:
                     help="keep the CUDA driver's JIT cache in the compile cache (CUDA_CACHE_PATH)")
     ap.add_argument("--move-cache", action="store_true",
                     help="each run gets a copy of the cache at a new path, as each trial does")
+    ap.add_argument("--keep-cache", type=Path, default=None, metavar="DIR",
+                    help="copy the compile cache to DIR at the end (for a runner's --cache-from)")
     ap.add_argument("--runner-env", action="store_true",
                     help="launch as the process backend launches a trial: its environment, limits "
                          "and launcher (implies --fresh-home, --cuda-cache and the bytecode rule)")
@@ -132,6 +134,10 @@ def main() -> int:
                       args.fresh_home, args.cuda_cache, args.runner_env)
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "line"))
         print(f"  {figures['line']}", flush=True)
+    if args.keep_cache is not None:
+        shutil.rmtree(args.keep_cache, ignore_errors=True)
+        shutil.copytree(cache, args.keep_cache, symlinks=True)
+        print(f"cache kept in {args.keep_cache}")
     if not args.no_profile:
         pstats.Stats(str(tmp / "warm.prof")).sort_stats("cumulative").print_stats(args.top)
     return 0
