@@ -10,9 +10,10 @@ How it keeps the rules of program.md:
   the process and scores the last model.pt2 it saved. So the script plans on
   prepare.time_left(): it saves a fallback model at once (which measures what the last check
   and the final save will take; each check in training measures the check again), trains
-  until only that margin is left, then saves the best weights. The final save reuses the fallback's traced program when it still holds the model's
-  own tensors (the best weights are copied into them in place, so it holds them too) and
-  computes what the model computes; otherwise it traces again, and the margin plans for that.
+  until only that margin is left, then saves the best weights. The final save reuses the
+  fallback's traced program when it still holds the model's own tensors (the best weights are
+  copied into them in place, so it holds them too) and computes what the model computes;
+  otherwise it traces again, and the margin plans for that.
   Every save goes through prepare.save_model (write, then rename: never half a model).
 - Compilation counts too, so COMPILE = "blocks" compiles one block, whose graph all DEPTH
   blocks share (their weights are its inputs), and the head with the loss: on an H200 a
