@@ -86,8 +86,10 @@ provenance)
     cat $W/hand.log
     for d in on-hand on-runner; do
         python bench/slot_share.py "$(dirname "$(find $W/$d -name experiments.jsonl)")" | sed -n 3,5p; done
-    for c in $W/hand-cache $W/warm0/pysource/compile-cache; do
-        echo "$c: $(find $c -type f | wc -l) files"; (cd $c && du -s --apparent-size * ; find nv -type f | head -5); done ;;
+    for c in $W/hand-cache $W/warm0/pysource/compile-cache $W/on-hand/*/compile-cache \
+            $W/on-runner/*/compile-cache; do     # the last two: what each trial left, kept
+        echo "$c:"; for t in $c/*; do echo "  $(basename $t) $(find $t -type f | wc -l) files \
+            $(du -s --apparent-size $t | cut -f1) KiB"; done; done ;;
 alone)
     L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
         --same-seed-runs 0 --overlap-scoring"
