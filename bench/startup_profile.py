@@ -22,6 +22,7 @@ anything about one; runs anywhere.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pstats
 import re
@@ -37,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from runner.sandbox import cache as compile_cache  # noqa: E402  (the folders a trial gets)
 from runner.sandbox import process_backend  # noqa: E402  (how it launches a trial)
+import slot_share  # noqa: E402  (bench/, this script's folder: the start-up's parts, one parser)
 
 
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
@@ -74,14 +76,15 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     else:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
     out = done.stdout
-    left = [float(x) for x in re.findall(r"left:? +([\d.]+)s", out)]
     summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
     first = float(summary.get("startup_seconds", "nan"))
     fallback = next((line for line in out.splitlines() if line.startswith("fallback saved")), "")
-    return {"setup": budget - left[0] if left else float("nan"),
-            "fallback": left[0] - left[1] if len(left) > 1 else float("nan"),
-            "first step": first - (budget - left[1]) if len(left) > 1 else float("nan"),
-            "startup": first, "training": float(summary.get("training_seconds", "nan")),
+    parts = slot_share.startup_parts({"budget": budget, "log_tail": out},
+                                     None if math.isnan(first) else first)
+    part = {k: float("nan") if v is None else v for k, v in parts.items()}
+    return {"setup": part["setup"], "fallback": part["fallback"], "first step": part["first"],
+            "startup": first,
+            "training": float(summary.get("training_seconds", "nan")),
             "steps": float(summary.get("num_steps", "nan")),
             "mfu %": float(summary.get("mfu_percent", "nan")),
             "recompiles": float(done.stderr.count("Recompiling")),
