@@ -44,6 +44,17 @@ W=out/lease                                    # ignored: kept on the machine be
 mkdir -p $W
 export PYTHONPATH=$PWD/$W/pylib
 Y="python bench/research_yield.py"
+L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
+    --same-seed-runs 0 --overlap-scoring"          # one 300 s baseline (--minutes 1: the cache copy)
+
+loop_then_long() {   # background on GPU 0: the 60 s loop scored beside for MINUTES (to out/$1),
+                     # then one 300 s baseline (to long0); both from warm0's cache
+    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
+        --minutes ${MINUTES:-4} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
+        --out $W/$1 > $W/$1.log 2>&1;
+        $L --gpus 0 --cache-from $W/warm0/pysource/compile-cache --out $W/long0 > $W/long0.log 2>&1" \
+        < /dev/null > /dev/null 2>&1 &
+}
 case "$1" in
 setup)
     mkdir -p $W/pylib $W/data
@@ -65,13 +76,7 @@ warm2)
         --noise-runs 1 --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
     wait; du -sh $W/warm*/*/compile-cache $W/warm*/*/compile-cache/pycache 2>&1 ;;
 measure)
-    L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
-        --same-seed-runs 0 --overlap-scoring"
-    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
-        --minutes ${MINUTES:-4} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
-        --out $W/yield-beside > $W/yield-beside.log 2>&1;
-        $L --gpus 0 --cache-from $W/warm0/pysource/compile-cache --out $W/long0 > $W/long0.log 2>&1" \
-        < /dev/null > /dev/null 2>&1 &
+    loop_then_long yield-beside
     setsid nohup bash -c "for i in a b; do $L --gpus 1 --cache-from $W/warm1/pysource/compile-cache \
         --out $W/long1\$i > $W/long1\$i.log 2>&1; done" < /dev/null > /dev/null 2>&1 &
     sleep 3; tail -n 2 $W/yield-*.log $W/long1a.log ;;
@@ -91,13 +96,7 @@ provenance)
         echo "$c:"; for t in $c/*; do echo "  $(basename $t) $(find $t -type f | wc -l) files \
             $(du -s --apparent-size $t | cut -f1) KiB"; done; done ;;
 alone)
-    L="$Y --data pysource=$W/data/pysource --budget 300 --minutes 1 --noise-runs 1 \
-        --same-seed-runs 0 --overlap-scoring"
-    setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
-        --minutes ${MINUTES:-4} --cache-from $W/warm0/pysource/compile-cache --overlap-scoring \
-        --out $W/yield-solo > $W/yield-solo.log 2>&1;
-        $L --gpus 0 --cache-from $W/warm0/pysource/compile-cache --out $W/long0 > $W/long0.log 2>&1" \
-        < /dev/null > /dev/null 2>&1 &
+    loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;
 overlap)
     setsid nohup bash -c "$Y --data pysource=$W/data/pysource --gpus 0 --budget 60 \
