@@ -485,7 +485,14 @@ trace_again = why_not_reusable(program)  # None: the final save will reuse the p
 t4 = time.time()
 check_seconds, trace_seconds, save_seconds = t1 - t0, t2 - t1, t3 - t2
 final_save_seconds = (t4 - t3) + save_seconds + (trace_seconds if trace_again else 0.0)
-margin = EXPORT_SAFETY * (check_seconds + final_save_seconds) + EXPORT_SLACK_S
+
+
+def margin_for(check):
+    # Seconds kept at the end for a last holdout check of `check` seconds and the final save.
+    return EXPORT_SAFETY * (check + final_save_seconds) + EXPORT_SLACK_S
+
+
+margin = margin_for(check_seconds)
 checked = f"holdout loss {best_loss:.4f}, check {check_seconds:.2f}s" if holdout else "no holdout"
 final = f"traced again, {trace_again}" if trace_again else "this program saved again"
 print(f"fallback saved: {checked}, trace {trace_seconds:.2f}s, save {save_seconds:.2f}s, "
@@ -556,7 +563,7 @@ while True:
         # training are what the last one will be like. The margin follows the slowest of them.
         check_seconds = time.time() - t_check
         slowest_check = max(slowest_check, check_seconds)
-        margin = EXPORT_SAFETY * (slowest_check + final_save_seconds) + EXPORT_SLACK_S
+        margin = margin_for(slowest_check)
         train_end = max(train_start, prepare.DEADLINE - margin)
         print(f"holdout loss {loss_h:.4f} at {now - train_start:.0f}s (best {best_loss:.4f} at "
               f"{best_at:.0f}s), check {check_seconds:.2f}s, margin {margin:.1f}s", flush=True)
