@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,20 @@ def docker_engine_missing() -> str | None:
 # Wall seconds that give the real train.py, on one CPU in a container, time to import torch,
 # save its fallback model, train a little and export: the runner stops it at the budget.
 TRAIN_BUDGET = 20
+
+
+def train_env(out: Path, data: Path, budget: int) -> dict:
+    """The environment the runner gives train.py, for a CPU run of `budget` seconds from now."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "CUDA_VISIBLE_DEVICES": "",
+            "AUTORESEARCH_TIME_BUDGET": str(budget),
+            "AUTORESEARCH_DEADLINE": str(time.time() + budget),
+            "AUTORESEARCH_OUT": str(out), "AUTORESEARCH_DATA_DIR": str(data)}
+
+
+def run_train(path: Path, out: Path, data: Path, budget: int) -> subprocess.CompletedProcess:
+    """Run a train.py on the CPU as the runner would, without a sandbox."""
+    return subprocess.run([sys.executable, str(path)], cwd=REPO, env=train_env(out, data, budget),
+                          capture_output=True, text=True, timeout=budget + 120)
 
 
 def small_limits():

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_train
 
 sys.path.insert(0, str(REPO / "bench"))
 import slot_share  # noqa: E402
@@ -110,11 +108,7 @@ def test_the_start_up_split_reads_train_pys_own_lines(small_data, tmp_path):
     """On what target/train.py prints (a short CPU run): setup, fallback and first step are
     found, each a part of the start-up it reports."""
     budget = 15
-    env = {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "CUDA_VISIBLE_DEVICES": "",
-           "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_DEADLINE": str(time.time() + budget),
-           "AUTORESEARCH_OUT": str(tmp_path), "AUTORESEARCH_DATA_DIR": str(small_data)}
-    proc = subprocess.run([sys.executable, str(REPO / "target" / "train.py")], env=env,
-                          capture_output=True, text=True, timeout=budget + 120)
+    proc = run_train(REPO / "target" / "train.py", tmp_path, small_data, budget)
     assert proc.returncode == 0, proc.stderr
     startup = float(re.search(r"^startup_seconds: ([\d.]+)$", proc.stdout, re.M).group(1))
     rec = {**trial(0, "warm", startup, 5.0, 20.0), "budget": budget, "log_tail": proc.stdout}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PREPARE_PY, REPO
+from conftest import PREPARE_PY, REPO, run_train, train_env
 
 TRAIN_PY = REPO / "target" / "train.py"
 SOURCE = TRAIN_PY.read_text(encoding="utf-8")
@@ -39,18 +38,6 @@ GPU_KNOBS = {"DEPTH": 8, "WIDTH": 640, "HEAD_DIM": 128, "MLP_RATIO": 4, "ROPE_BA
 CPU_KNOBS = {"DEPTH": 2, "WIDTH": 64, "HEAD_DIM": 16, "DROPOUT": 0.0, "SEQ_LEN": 128,
              "DEVICE_BATCH": 16, "TOTAL_BATCH": 16 * 128, "MATRIX_LR": 0.05, "EMBED_LR": 0.1,
              "HEAD_LR": 0.03, "HOLDOUT_TOKENS": 2**11, "COMPILE": "", "PRINT_EVERY_S": 0.5}
-
-
-def env_for(out: Path, data: Path, budget: int = BUDGET) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "prepare"), "CUDA_VISIBLE_DEVICES": "",
-            "AUTORESEARCH_TIME_BUDGET": str(budget),
-            "AUTORESEARCH_DEADLINE": str(time.time() + budget),
-            "AUTORESEARCH_OUT": str(out), "AUTORESEARCH_DATA_DIR": str(data)}
-
-
-def train(path: Path, out: Path, data: Path, budget: int = BUDGET) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(path)], cwd=REPO, env=env_for(out, data, budget),
-                          capture_output=True, text=True, timeout=budget + 120)
 
 
 def score(model: Path, data: Path) -> dict:
@@ -92,7 +79,7 @@ def settings(gpu: bool, monkeypatch) -> dict:
 def test_train_export_and_score(small_data: Path, tmp_path: Path):
     out = tmp_path / "out"
     start = time.time()
-    proc = train(TRAIN_PY, out, small_data)
+    proc = run_train(TRAIN_PY, out, small_data, BUDGET)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     stdout = proc.stdout
     print(f"wall {time.time() - start:.1f}s (interpreter exit included)")
@@ -129,7 +116,7 @@ def test_the_margin_follows_the_checks_in_training(small_data: Path, tmp_path: P
                               "        holdout_loss.slowed = True\n"
                               "        time.sleep(2.0)\n"
                               "    model.eval()\n"))
-    proc = train(path, tmp_path / "out", small_data)
+    proc = run_train(path, tmp_path / "out", small_data, BUDGET)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     knobs = settings(False, monkeypatch)
     fallback = re.search(r"^fallback saved: .*check ([\d.]+)s, .*save ([\d.]+)s, "
@@ -166,7 +153,7 @@ def test_the_reused_program_carries_the_trained_weights(small_data: Path, tmp_pa
          f"import shutil\nshutil.copy(os.path.join(out_dir, 'model.pt2'), {str(fallback)!r})\n"
          "# ---- Training ----\n"))
     out = tmp_path / "out"
-    proc = train(path, out, small_data)
+    proc = run_train(path, out, small_data, BUDGET)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     summary = summary_of(proc.stdout)
     assert summary["export_reused"] == "1" and int(summary["num_steps"]) > 1, proc.stdout
@@ -208,7 +195,7 @@ def test_the_reused_program_carries_the_trained_weights(small_data: Path, tmp_pa
 def test_a_program_that_no_longer_fits_is_traced_again(small_data: Path, tmp_path: Path,
                                                         edits, planned, why):
     out = tmp_path / "out"
-    proc = train(variant(tmp_path, *edits), out, small_data, budget=20)
+    proc = run_train(variant(tmp_path, *edits), out, small_data, 20)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     summary = summary_of(proc.stdout)
     assert summary["export_reused"] == "0" and int(summary["num_steps"]) > 1, proc.stdout
@@ -244,7 +231,7 @@ def test_the_compiled_training_paths_train_and_export(small_data: Path, tmp_path
          "_b = next(loader)                    # a training batch: the shapes that train\n"
          "print('SAME', bool(torch.allclose(train_loss(*_b), loss_fn(*_b), atol=1e-5)), "
          "flush=True)\n"))
-    env = {**env_for(out, small_data, 30), "TORCH_LOGS": "recompiles"}
+    env = {**train_env(out, small_data, 30), "TORCH_LOGS": "recompiles"}
     proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
                           timeout=30 + 120)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
@@ -301,7 +288,7 @@ def test_new_parameters_train_through_the_optimizer_groups(small_data: Path, tmp
         ("MLP_RATIO = 4 ", "MLP_RATIO = 8 / 3 "),
         ("    HOLDOUT_TOKENS = 2**11\n", "    HOLDOUT_TOKENS = 0\n"))
     out = tmp_path / "out"
-    proc = train(path, out, small_data)
+    proc = run_train(path, out, small_data, BUDGET)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     summary = summary_of(proc.stdout)
     assert int(summary["num_steps"]) > 1 and "\nholdout loss" not in proc.stdout
@@ -322,7 +309,7 @@ def test_new_parameters_train_through_the_optimizer_groups(small_data: Path, tmp
 ])
 def test_settings_that_cannot_work_stop_with_a_message(small_data: Path, tmp_path: Path,
                                                        edit, message):
-    proc = train(variant(tmp_path, edit), tmp_path / "out", small_data)
+    proc = run_train(variant(tmp_path, edit), tmp_path / "out", small_data, BUDGET)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
