@@ -10,6 +10,7 @@
 #                                      # PY_MINUTES); GPU 1 the same on shakespeare (SH_MINUTES),
 #                                      # then one 300 s pysource baseline trial; all start warm
 #   bash bench/gpu_lease.sh warm2      # issue 11's overlap: one 50 s pysource baseline per GPU, cold
+#                                      # (GPUS="0": GPU 0 only, for the one-GPU kind)
 #   bash bench/gpu_lease.sh overlap    # background, side by side on pysource at 60 s budgets for
 #                                      # MINUTES: GPU 0 scores beside the next trial, GPU 1 alone;
 #                                      # then GPU 0 one 300 s baseline (beside), GPU 1
@@ -27,6 +28,8 @@
 #                                      # its cache; then a 60 s runner trial on that cache and
 #                                      # one on warm0's (made by a runner trial): is the runner's
 #                                      # slower first step the cache's making or the runner?
+#   bash bench/gpu_lease.sh mtimes     # after warm2, ~3 min, GPU 0: by hand from warm0's cache, each
+#                                      # run's cache copied without its file times, then with them
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -72,7 +75,7 @@ warm)
     wait; grep -h -A12 'where slot time went\|slot' $W/warm0/results.md | head -20
     ls -d $W/warm*/*/compile-cache ;;
 warm2)
-    for g in 0 1; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
+    for g in ${GPUS:-0 1}; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
         --noise-runs 1 --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
     wait; du -sh $W/warm*/*/compile-cache $W/warm*/*/compile-cache/pycache 2>&1 ;;
 measure)
@@ -95,6 +98,13 @@ provenance)
             $W/on-runner/*/compile-cache; do     # the last two: what each trial left, kept
         echo "$c:"; for t in $c/*; do echo "  $(basename $t) $(find $t -type f | wc -l) files \
             $(du -s --apparent-size $t | cut -f1) KiB"; done; done ;;
+mtimes)   # after warm2: by hand in the runner's environment from warm0's cache, each run's copy
+          # of it made contents only (as the runner's copy_tree makes it), then with file times
+          # and modes kept: the cache's files after each run (does the driver's JIT redo work?)
+    S="python bench/startup_profile.py --data $W/data/pysource --budget 40 --no-profile \
+        --runner-env --move-cache --cache-from $W/warm0/pysource/compile-cache --warm-runs 2"
+    for c in plain keep; do echo "copy $c:"; CUDA_VISIBLE_DEVICES=0 $S --copy $c 2>&1 | tail -n 6
+        done ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;

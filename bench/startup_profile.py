@@ -3,7 +3,8 @@ the first step; cold and warm compile cache.
 
     python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
         [--bytecode-cache] [--fresh-home] [--cuda-cache] [--runner-env] [--move-cache] \
-        [--keep-cache DIR] [--warm-runs N] [--no-profile]
+        [--copy keep|plain|runner] [--cache-from DIR] [--keep-cache DIR] [--warm-runs N] \
+        [--no-profile]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
 prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
@@ -15,8 +16,11 @@ stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for 
 seconds). `--runner-env` launches it as the process backend launches a trial (its scrubbed
 environment, limits and launcher; a fresh home; the driver's JIT cache and, for a torch without
 bytecode, the bytecode in the cache), and `--move-cache` gives each run a copy of the cache at a
-new path, as each trial gets: together, a trial without the runner around it. Needs a GPU to say
-anything about one; runs anywhere.
+new path, as each trial gets: together, a trial without the runner around it. `--copy` says
+how that copy is made: `keep` (file times and modes kept), `plain` (contents only) or `runner`
+(the runner's own bounded copy); after each run the cache's files per folder are listed.
+`--cache-from DIR` starts warm from a copy of DIR (no cold run). Needs a GPU to say anything
+about one; runs anywhere.
 """
 
 from __future__ import annotations
@@ -91,6 +95,14 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
             "line": fallback}  # type: ignore[dict-item]
 
 
+def copy_cache(src: Path, dest: Path, how: str) -> None:
+    if how == "runner":
+        compile_cache.copy_tree(src, dest, 2**40, 10**7)
+    else:
+        shutil.copytree(src, dest, symlinks=True,
+                        copy_function=shutil.copy2 if how == "keep" else shutil.copyfile)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -109,6 +121,12 @@ def main() -> int:
                     help="keep the CUDA driver's JIT cache in the compile cache (CUDA_CACHE_PATH)")
     ap.add_argument("--move-cache", action="store_true",
                     help="each run gets a copy of the cache at a new path, as each trial does")
+    ap.add_argument("--copy", choices=("keep", "plain", "runner"), default="keep",
+                    help="how --move-cache copies: file times and modes kept (shutil's copytree), "
+                         "contents only, or the runner's copy_tree (what a trial's cache goes "
+                         "through on its way in and out)")
+    ap.add_argument("--cache-from", type=Path, default=None, metavar="DIR",
+                    help="start from a copy of this compile cache (no cold run)")
     ap.add_argument("--keep-cache", type=Path, default=None, metavar="DIR",
                     help="copy the compile cache to DIR at the end (for a runner's --cache-from)")
     ap.add_argument("--runner-env", action="store_true",
@@ -125,18 +143,22 @@ def main() -> int:
             ap.error("no COMPILE line in train.py")
         train = tmp / "train.py"
         train.write_text(text)
-    runs = [("cold", None)] + [("warm", None)] * args.warm_runs + \
+    if args.cache_from is not None:
+        shutil.copytree(args.cache_from, cache, symlinks=True)
+    runs = ([] if args.cache_from else [("cold", None)]) + [("warm", None)] * args.warm_runs + \
         ([] if args.no_profile else [("warm, cProfile", tmp / "warm.prof")])
     for i, (name, prof) in enumerate(runs):
         if args.move_cache and cache.exists():      # a private copy at a new path per run
             moved = tmp / f"cache-{i}"
-            shutil.copytree(cache, moved, symlinks=True)
+            copy_cache(cache, moved, args.copy)
             shutil.rmtree(cache)
             cache = moved
         figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache, train,
                       args.fresh_home, args.cuda_cache, args.runner_env)
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "line"))
-        print(f"  {figures['line']}", flush=True)
+        print(f"  {figures['line']}")
+        print("  cache after it: " + ", ".join(f"{d.name} {sum(1 for f in d.rglob('*') if f.is_file())}"
+                                             for d in sorted(cache.glob("*")) if d.is_dir()), flush=True)
     if args.keep_cache is not None:
         shutil.rmtree(args.keep_cache, ignore_errors=True)
         shutil.copytree(cache, args.keep_cache, symlinks=True)

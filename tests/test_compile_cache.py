@@ -331,6 +331,8 @@ assert os.path.dirname(nv) == ROOT, nv
 os.makedirs(nv, exist_ok=True)
 with open(os.path.join(nv, TAG), "w") as f:
     f.write(f"sass of {TAG}\n")
+with open(os.path.join(nv, f"{TAG}-seed{prepare.SEED}"), "w") as f:   # which run of TAG it was
+    f.write(f"run {prepare.SEED}\n")
 if PLANT:
     os.symlink("/etc/passwd", os.path.join(ind, "passwd"))
     os.symlink("/", os.path.join(ind, "root"))
@@ -520,9 +522,10 @@ def test_process_trial_with_an_oversized_cache_leaves_none(tmp_path, small_data)
 
 
 def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
-    """The loop on the process backend: a baseline (kept: its cache becomes the run's), a
-    planter (worse: discarded; the next candidate's cache is exactly the run's), a better one
-    (kept: its filtered cache becomes the run's) and one more that sees it."""
+    """The loop on the process backend: a baseline (kept: its cache becomes the run's) and its
+    noise run (the same train.py: its fuller cache becomes the run's too), a planter (worse:
+    discarded; the next candidate's cache is exactly the run's), a better one (kept: its
+    filtered cache becomes the run's) and one more that sees it."""
     import git
 
     from runner.agents import Proposal
@@ -545,23 +548,27 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
 
     cfg = LoopConfig(tag="cacheloop", budget=EXPORT_BUDGET, data_dir=small_data,
                      runs_dir=project / "runs", repo_root=project, limits=LIMITS,
-                     eval_tokens=EVAL_TOKENS, keep_rule="threshold", noise_runs=1,
-                     same_seed_runs=0, max_experiments=4, executor=LocalTrials("process"))
+                     eval_tokens=EVAL_TOKENS, keep_rule="threshold", noise_runs=2,
+                     same_seed_runs=0, max_experiments=5, executor=LocalTrials("process"))
     loop = Overnight(cfg, log=lambda _: None)
     loop.agent = propose
     ledger = loop.run()
     by = {r["description"]: r for r in ledger.records}
-    assert [r["status"] for r in ledger.records] == ["keep", "discard", "keep", "discard"], \
+    assert [r["status"] for r in ledger.records] == ["keep", "discard", "discard", "keep", "discard"], \
         [(r["description"], r["status"], r["reason"]) for r in ledger.records]
     run_dir = project / "runs" / "cacheloop"
 
-    def entries(tag: str) -> dict[str, str]:           # what CANDIDATE writes: its graph, its sass
-        return {f"inductor/fxgraph/{tag}": "dir",
+    def entries(tag: str, seed: int = 0) -> dict[str, str]:   # what CANDIDATE writes: its graph,
+        return {f"inductor/fxgraph/{tag}": "dir",               # its sass, which run it was
                 f"inductor/fxgraph/{tag}/entry": hashlib.sha256(f"graph of {tag}\n".encode()).hexdigest(),
-                f"nv/{tag}": hashlib.sha256(f"sass of {tag}\n".encode()).hexdigest()}
-    base_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "nv": "dir", **entries("base")}
+                f"nv/{tag}": hashlib.sha256(f"sass of {tag}\n".encode()).hexdigest(),
+                f"nv/{tag}-seed{seed}": hashlib.sha256(f"run {seed}\n".encode()).hexdigest()}
+    first_cache = {"inductor": "dir", "inductor/fxgraph": "dir", "nv": "dir", **entries("base")}
+    noise = next(r for r in ledger.records if r["role"] == "noise")
     assert seen(by["baseline"]) == {} and by["baseline"]["compile_cache"]["start"] == "cold"
-    assert seen(by["planter"]) == base_cache                  # the baseline's, promoted
+    assert seen(noise) == first_cache                         # the baseline's, promoted
+    base_cache = {**first_cache, **entries("base", noise["seed"])}
+    assert seen(by["planter"]) == base_cache                  # the noise run's, promoted
     assert by["planter"]["compile_cache"]["out"] == "taken"   # scored, then discarded
     assert seen(by["better"]) == base_cache                   # the planter changed nothing
     better_cache = {**base_cache, **entries("better")}
