@@ -35,8 +35,9 @@ slots. CPU slots share one lane, and the machine's cores: it is off there unless
 **Compile cache.** Every trial starts on a private copy of the run's torch.compile cache
 (`runs/<tag>/compile-cache`) and a scored one leaves its own in `runs/<tag>/trial-caches/`;
 after the verdict, a keep's (the baseline's too) becomes the run's (`runner.sandbox.cache.promote`),
-and so does a scored noise run's of the best's own train.py (its cache is fuller: a trial on a
-cache that a cold trial made still compiles a few kernels); the others are deleted. Only the
+and so does a scored noise run's of the best's own train.py that started warm (its cache is
+fuller: a trial on a cache that a cold trial made still compiles a few kernels); the others are
+deleted. Only the
 kept line writes the cache the next candidates start on.
 
 **Nothing is lost.** A candidate is committed (off the branch, under
@@ -160,6 +161,17 @@ class Candidate:
     @property
     def next_seed(self) -> int:
         return self.seed + len(self.runs)
+
+
+def completes_cache(rec: Record, best: Record | None) -> bool:
+    """Whether a measurement's cache may replace the run's: a scored run of the best's own
+    train.py (same sha256: the cache has the keep's standing) that started warm. A trial on a
+    cache that a cold trial made still compiles a few kernels (bench/RESULTS.md), so its cache
+    is fuller; a cold one's adds nothing."""
+    sha = rec.get("train_sha256")
+    return (rec.get("trial_status") == "ok" and sha is not None and best is not None
+            and best.get("train_sha256") == sha
+            and (rec.get("compile_cache") or {}).get("start") == "warm")
 
 
 class Slot:
@@ -690,14 +702,10 @@ class Overnight:
                                  **extra)
         with self.lock:
             self.append(rec)
-            # A run of the best's own train.py (a noise run, a same-seed rerun) leaves a cache of
-            # the keep's standing, and a fuller one: a trial that starts on a cache a cold trial
-            # made still compiles a few kernels (bench/RESULTS.md). Under the lock, so that a
-            # keep decided meanwhile is never replaced by an older line's cache.
-            best, sha = self.ledger.best(), rec.get("train_sha256")
-            of_best = (rec["trial_status"] == "ok" and sha is not None and best is not None
-                       and best.get("train_sha256") == sha)
-            self.settle_caches(job.number, [job.seed], rec["status"] == KEEP or of_best)
+            # Under the lock, so that a keep decided meanwhile is never replaced by an older
+            # line's cache.
+            self.settle_caches(job.number, [job.seed],
+                               rec["status"] == KEEP or completes_cache(rec, self.ledger.best()))
 
     def record_failed_proposal(self, c: Candidate) -> None:
         with self.lock:

@@ -580,6 +580,21 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
     assert not (run_dir / "trial-caches").exists() or not any((run_dir / "trial-caches").iterdir())
 
 
+def test_only_a_warm_scored_run_of_the_best_train_py_refreshes_the_cache():
+    """The rule behind the noise run's promotion, case by case: the best's own train.py,
+    scored, started warm; anything else leaves the run's cache as it is."""
+    from runner.loop import completes_cache
+    best = {"train_sha256": "a" * 64, "status": "keep"}
+    noise = {"train_sha256": "a" * 64, "trial_status": "ok", "compile_cache": {"start": "warm"}}
+    assert completes_cache(noise, best)
+    assert not completes_cache({**noise, "compile_cache": {"start": "cold"}}, best)
+    assert not completes_cache({**noise, "compile_cache": None}, best)
+    assert not completes_cache({**noise, "train_sha256": "b" * 64}, best)     # another file
+    assert not completes_cache({**noise, "trial_status": "crash"}, best)
+    assert not completes_cache(noise, None)                                    # nothing kept yet
+    assert not completes_cache({**noise, "train_sha256": None}, {**best, "train_sha256": None})
+
+
 # ---- the docker backend -------------------------------------------------------------------------
 
 needs_docker = pytest.mark.skipif(docker_engine_missing() is not None,
