@@ -37,8 +37,7 @@ slots. CPU slots share one lane, and the machine's cores: it is off there unless
 after the verdict, a keep's (the baseline's too) becomes the run's (`runner.sandbox.cache.promote`),
 and so does a scored noise run's of the best's own train.py that started warm (its cache is
 fuller: a trial on a cache that a cold trial made still compiles a few kernels); the others are
-deleted. Only the
-kept line writes the cache the next candidates start on.
+deleted. Only the kept line writes the cache the next candidates start on.
 
 **Nothing is lost.** A candidate is committed (off the branch, under
 `refs/autoresearch/<tag>/candidates/<n>`) before it trains; its record is appended and synced

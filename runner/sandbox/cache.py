@@ -22,8 +22,8 @@ candidate imports, so:
   (a cache cut short is not a cache);
 - the loop `promote`s that folder to the run's cache only when it keeps the commit, or when the
   trial ran the kept train.py itself on a warm cache (a noise run: the same code as the keep,
-  and a fuller cache than a cold trial leaves); the old one is swapped out under a lock, so a trial being
-  seeded never sees half of each. It `discard`s the folder otherwise.
+  and a fuller cache than a cold trial leaves); the old one is swapped out under a lock, so a
+  trial being seeded never sees half of each. It `discard`s the folder otherwise.
 
 A run's cache over half of the trial's cache space is not handed out (the trial starts cold):
 the candidate needs room for its own new entries, and the next keep starts a fresh cache.
