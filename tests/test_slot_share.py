@@ -113,4 +113,6 @@ def test_the_start_up_split_reads_train_pys_own_lines(small_data, tmp_path):
     startup = float(re.search(r"^startup_seconds: ([\d.]+)$", proc.stdout, re.M).group(1))
     rec = {**trial(0, "warm", startup, 5.0, 20.0), "budget": budget, "log_tail": proc.stdout}
     row = slot_share.trials([rec])[0]
-    assert all(row[k] is not None and 0 < row[k] < startup for k in ("setup", "fallback", "first")), row
+    assert all(row[k] is not None and row[k] < startup for k in ("setup", "fallback", "first")), row
+    # Each from two figures printed to 0.1 s: a CPU's first step (no compile) can read 0.0 or -0.1.
+    assert row["setup"] > 0 and row["fallback"] > 0 and row["first"] > -0.15, row
