@@ -52,7 +52,9 @@ class RunRepo:
     def read_train(self, commit: str | None = None) -> str:
         if commit is None:
             return self.train_py().read_text(encoding="utf-8")
-        return self.repo.git.show(f"{commit}:{TRAIN_REL}")
+        # The file byte for byte: GitPython strips the output's last newline unless told not to,
+        # and a trial of the kept file must hash as the trial of the candidate that made it did.
+        return self.repo.git.show(f"{commit}:{TRAIN_REL}", strip_newline_in_stdout=False)
 
     # ---- candidates: commits off the branch, kept reachable under refs (module docstring) ----
 

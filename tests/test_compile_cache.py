@@ -537,6 +537,8 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
     repo.index.add(["target/train.py"])
     repo.index.commit("a baseline that writes its cache")
     script = [("planter", render(CANDIDATE, "planter", scale=6.0, plant=True)),
+              ("the best's own file", render(CANDIDATE, "base", scale=3.0)),   # a candidate:
+                                                                            # never a noise run
               ("better", render(CANDIDATE, "better", scale=0.0)),
               ("observer", render(CANDIDATE, "observer", scale=0.0))]
 
@@ -549,12 +551,14 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
     cfg = LoopConfig(tag="cacheloop", budget=EXPORT_BUDGET, data_dir=small_data,
                      runs_dir=project / "runs", repo_root=project, limits=LIMITS,
                      eval_tokens=EVAL_TOKENS, keep_rule="threshold", noise_runs=2,
-                     same_seed_runs=0, max_experiments=5, executor=LocalTrials("process"))
-    loop = Overnight(cfg, log=lambda _: None)
+                     same_seed_runs=0, max_experiments=6, executor=LocalTrials("process"))
+    logs: list[str] = []
+    loop = Overnight(cfg, log=logs.append)
     loop.agent = propose
     ledger = loop.run()
     by = {r["description"]: r for r in ledger.records}
-    assert [r["status"] for r in ledger.records] == ["keep", "discard", "discard", "keep", "discard"], \
+    assert [r["status"] for r in ledger.records] == ["keep", "discard", "discard", "discard", "keep",
+                                                     "discard"], \
         [(r["description"], r["status"], r["reason"]) for r in ledger.records]
     run_dir = project / "runs" / "cacheloop"
 
@@ -578,6 +582,13 @@ def test_loop_only_the_kept_line_writes_the_cache(project, small_data):
     assert tree(run_dir / "compile-cache") == better_cache    # the observer was discarded
     assert observer_cache != better_cache
     assert not (run_dir / "trial-caches").exists() or not any((run_dir / "trial-caches").iterdir())
+    # Whose cache became the run's: the baseline, its warm noise run, the kept one; never the
+    # discarded candidate that ran the best's own train.py, warm and scored.
+    same = by["the best's own file"]
+    assert same["train_sha256"] == by["baseline"]["train_sha256"] and same["trial_status"] == "ok"
+    assert same["compile_cache"]["start"] == "warm"
+    promoted = sorted(int(line[1:line.index(":")]) for line in logs if "is the run's now" in line)
+    assert promoted == [0, noise["number"], by["better"]["number"]], logs
 
 
 def test_only_a_warm_scored_run_of_the_best_train_py_refreshes_the_cache():
