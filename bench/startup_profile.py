@@ -144,7 +144,7 @@ def main() -> int:
         train = tmp / "train.py"
         train.write_text(text)
     if args.cache_from is not None:
-        shutil.copytree(args.cache_from, cache, symlinks=True)
+        copy_cache(args.cache_from, cache, "keep")
     runs = ([] if args.cache_from else [("cold", None)]) + [("warm", None)] * args.warm_runs + \
         ([] if args.no_profile else [("warm, cProfile", tmp / "warm.prof")])
     for i, (name, prof) in enumerate(runs):
@@ -161,7 +161,7 @@ def main() -> int:
                                              for d in sorted(cache.glob("*")) if d.is_dir()), flush=True)
     if args.keep_cache is not None:
         shutil.rmtree(args.keep_cache, ignore_errors=True)
-        shutil.copytree(cache, args.keep_cache, symlinks=True)
+        copy_cache(cache, args.keep_cache, "keep")
         print(f"cache kept in {args.keep_cache}")
     if not args.no_profile:
         pstats.Stats(str(tmp / "warm.prof")).sort_stats("cumulative").print_stats(args.top)
