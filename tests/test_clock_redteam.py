@@ -86,7 +86,7 @@ def sidecar_kill(cli, container) -> None:
     from a sidecar container (works on a frozen container: the signals wait for the thaw)."""
     from runner.sandbox import images
     from runner.sandbox.docker_backend import hardening
-    opts = hardening(TrialSpec(train_py=Path("x"), data_dir=Path("x"), budget=1, run=RUN))
+    opts = hardening(TrialSpec(train_py=Path("x"), data_dir=Path("x"), budget=1, run=RUN), "sidecar")
     side = cli.containers.run(
         images.default_base_tag(),
         ["python", "-I", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],

@@ -138,3 +138,34 @@ def test_orphans_of_a_dead_runner_are_removed():
         assert v.name not in [x.name for x in cli.volumes.list()]
     finally:
         alive.remove(force=True)
+
+
+def test_teardown_removes_what_the_runner_never_got_a_handle_on():
+    """A trial's teardown removes its own containers and volumes, including ones the engine
+    made under the trial's label that the runner holds no handle of (a create whose answer was
+    lost), and a volume that a running container of the trial still mounts; another trial's
+    are left alone."""
+    cli = docker.from_env()
+    B = docker_backend
+
+    def labels(trial: str) -> dict[str, str]:
+        return {B.LABEL_RUN: RUN, B.LABEL_OWNER: B.OWNER, B.LABEL_TRIAL: trial}
+
+    known = cli.volumes.create(labels=labels("t1"))
+    unknown = cli.volumes.create(labels=labels("t1"))
+    other = cli.volumes.create(labels=labels("t2"))
+    user = cli.containers.run(images.default_base_tag(), ["sleep", "60"], detach=True,
+                              network_mode="none", labels=labels("t1"),
+                              volumes={unknown.name: {"bind": "/v", "mode": "rw"}})
+    lost = cli.containers.create(images.default_base_tag(), ["sleep", "60"], network_mode="none",
+                                 labels=labels("t1"))
+    said: list[str] = []
+    try:
+        B.teardown(cli, "t1", [], [known], said.append, wait_s=10)
+        left = {v.name for v in cli.volumes.list(filters={"label": f"{B.LABEL_RUN}={RUN}"})}
+        assert known.name not in left and unknown.name not in left and other.name in left
+        ids = {c.id for c in cli.containers.list(all=True, filters={"label": f"{B.LABEL_RUN}={RUN}"})}
+        assert user.id not in ids and lost.id not in ids
+        assert said == []
+    finally:
+        other.remove(force=True)

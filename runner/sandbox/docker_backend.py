@@ -1,7 +1,8 @@
 """The docker backend: the real isolation (the default).
 
-One trial is three containers and one volume (two with a compile cache), all labelled ``autoresearch.run=<run>`` and
-removed on every path out of ``run`` (success, failure, exception, Ctrl-C):
+One trial is three containers and one volume (two with a compile cache), all labelled with the
+run (``autoresearch.run=<run>``) and the trial (``autoresearch.trial``), and removed on every
+path out of ``run`` (success, failure, exception, Ctrl-C) before it returns (`teardown`):
 
 - the **output volume**: a tmpfs of ``limits.out_bytes`` and ``limits.out_files``, owned by the
   candidate's uid: the only place the candidate can write besides a small ``/tmp``. A tmpfs
@@ -63,6 +64,7 @@ UID = "10001:10001"
 CACHE = "/cache"                            # the trial's private compile cache (a tmpfs volume)
 LABEL_RUN = "autoresearch.run"
 LABEL_OWNER = "autoresearch.owner"          # host:pid of the runner that made it
+LABEL_TRIAL = "autoresearch.trial"          # the one trial it belongs to, for its teardown
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 TAG_REPO = "autoresearch/exp"
 UNFROZEN = ("could not be frozen at the deadline, so it may have written after it: killed, "
@@ -99,8 +101,8 @@ def image_labels(spec: TrialSpec, base_id: str, train_sha: str) -> dict[str, str
     }
 
 
-def hardening(spec: TrialSpec) -> dict[str, Any]:
-    """Container options shared by every container of a trial."""
+def hardening(spec: TrialSpec, trial: str) -> dict[str, Any]:
+    """Container options shared by every container of the trial named `trial`."""
     return dict(
         user=UID,
         network_mode="none",
@@ -109,7 +111,7 @@ def hardening(spec: TrialSpec) -> dict[str, Any]:
         security_opt=["no-new-privileges"],
         ipc_mode="private",
         init=True,                                    # reaps and forwards; PID 1 is not ours
-        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER},
+        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER, LABEL_TRIAL: trial},
         log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
         ulimits=[Ulimit(name="core", soft=0, hard=0)],
     )
@@ -228,7 +230,7 @@ def copy_out(container, path: str, dest: Path, max_bytes: int) -> bool:
     return True
 
 
-def tmpfs_volume(cli, name: str, spec: TrialSpec, size: int, inodes: int):
+def tmpfs_volume(cli, name: str, spec: TrialSpec, trial: str, size: int, inodes: int):
     """A tmpfs volume owned by the candidate's uid: bounded in bytes and files, nosuid, nodev
     (not noexec: a compile cache holds shared objects that are loaded from it)."""
     return cli.volumes.create(
@@ -236,7 +238,53 @@ def tmpfs_volume(cli, name: str, spec: TrialSpec, size: int, inodes: int):
         driver_opts={"type": "tmpfs", "device": "tmpfs",
                      "o": f"size={size},nr_inodes={inodes},uid=10001,gid=10001,mode=0700,"
                           "nosuid,nodev"},
-        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER})
+        labels={LABEL_RUN: spec.run, LABEL_OWNER: OWNER, LABEL_TRIAL: trial})
+
+
+def teardown(cli, trial: str, containers: list, volumes: list, log: Log,
+             wait_s: float = 30.0) -> None:
+    """Remove every container and volume of the trial named `trial`: those the runner made,
+    then any other the engine holds under the trial's label (a create whose answer was lost on
+    a busy engine). A volume is retried while the engine still holds it (a container's removal
+    can release its mounts a moment later) for up to `wait_s`; what is left is logged, and the
+    next runner's start removes it. Never raises: it runs on every path out of a trial."""
+    def remove(thing, what: str) -> bool:
+        try:
+            thing.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+            log(f"warning: could not remove {what} {thing.name}: {str(e)[:200]}")
+            return False
+        return True
+
+    label = {"label": f"{LABEL_TRIAL}={trial}"}
+    for c in reversed(containers):
+        remove(c, "container")
+    try:
+        for c in cli.containers.list(all=True, filters=label):
+            remove(c, "container")
+        listed = cli.volumes.list(filters=label)
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+        log(f"warning: could not list what is left of trial {trial}: {str(e)[:200]}")
+        listed = []
+    pending = {v.name: v for v in [*volumes, *listed]}
+    give_up, pause = time.monotonic() + wait_s, 0.05
+    while pending:
+        for name, volume in list(pending.items()):
+            try:
+                volume.remove(force=True)
+                del pending[name]
+            except docker.errors.NotFound:
+                del pending[name]
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                pass                                  # still held: tried again below
+        if pending and time.monotonic() + pause > give_up:
+            log(f"warning: volume(s) {', '.join(pending)} of trial {trial} are still held "
+                f"after {wait_s:.0f} s: left for the next start to remove")
+            return
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
 
 
 def cache_in(holder, spec: TrialSpec) -> dict[str, Any]:
@@ -458,7 +506,7 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
     containers: list = []
     volumes: list = []
     with_cache = spec.cache_from is not None or spec.cache_to is not None
-    common = hardening(spec)
+    common = hardening(spec, suffix)
     env = {"AUTORESEARCH_SEED": str(spec.seed),
            "AUTORESEARCH_DATA_DIR": "/data", "AUTORESEARCH_OUT": "/out", "HOME": "/tmp",
            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": "/tmp"}
@@ -477,11 +525,11 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
 
         # ---- output volume (and compile cache), kept mounted by a holder ----
         t1 = time.perf_counter()
-        volume = tmpfs_volume(cli, f"ar-out-{suffix}", spec, lim.out_bytes, lim.out_files)
+        volume = tmpfs_volume(cli, f"ar-out-{suffix}", spec, suffix, lim.out_bytes, lim.out_files)
         volumes.append(volume)
         held = {volume.name: {"bind": "/out", "mode": "ro"}}
         if with_cache:
-            cache_volume = tmpfs_volume(cli, f"ar-cache-{suffix}", spec, lim.cache_bytes,
+            cache_volume = tmpfs_volume(cli, f"ar-cache-{suffix}", spec, suffix, lim.cache_bytes,
                                         lim.cache_files + 1)   # + the folder itself
             volumes.append(cache_volume)
             held[cache_volume.name] = {"bind": CACHE, "mode": "rw"}
@@ -576,22 +624,7 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
         return outcome
     finally:
         t5 = time.perf_counter()
-        for c in reversed(containers):
-            try:
-                c.remove(force=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as e:
-                log(f"warning: could not remove container {c.name}: {e}")
-        for volume in volumes:
-            for _ in range(20):                       # the engine may hold it for a moment
-                try:
-                    volume.remove(force=True)
-                    break
-                except docker.errors.NotFound:
-                    break
-                except docker.errors.APIError:
-                    time.sleep(0.1)
+        teardown(cli, suffix, containers, volumes, log)
         phases["cleanup"] = time.perf_counter() - t5
 
 
