@@ -49,7 +49,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import weakref
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -194,16 +196,85 @@ def time_left() -> float:
     return max(0.0, DEADLINE - time.time())
 
 
+class _GraphMemo(threading.local):
+    """The serialized graph of each program save_model saved, so that saving the same program
+    again writes its weights only. torch.export.save serializes the graph (most of a save's
+    time: a deep copy and a JSON of every node) and then writes the weights; the graph does not
+    change when the weights are trained in place, so its bytes are reused while the program's
+    graph, signature and shape constraints are those they were made from. The archive is the one
+    torch.export.save would write (tests/test_prepare_score.py compares them byte for byte)."""
+    on = False                                        # only inside save_model
+    saves: dict[int, tuple[Any, Any, Any, float, float]] = {}
+    # id(program) -> (weakref to it, graph key, serialized graph, last save's s, its graph's s)
+    graph_seconds = 0.0                               # spent serializing in the current save
+
+
+_MEMO = _GraphMemo()
+
+
+def _graph_key(program: Any, args: tuple, kwargs: dict) -> tuple:
+    return (program.graph_module.code, str(program.graph_signature),
+            str(program.range_constraints), repr(args), repr(sorted(kwargs.items())))
+
+
+def _memoize_graph(serialize: Callable) -> Callable:
+    def serialize_graph_once(program: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _MEMO.on or kwargs.get("serialize_state_dict", True) \
+                or kwargs.get("serialize_constants", True):
+            return serialize(program, *args, **kwargs)       # a whole program, or not ours
+        key = _graph_key(program, args, kwargs)
+        seen = _MEMO.saves.get(id(program))
+        if seen is not None and seen[0]() is program and seen[1] == key:
+            return seen[2]
+        t = time.perf_counter()
+        artifact = serialize(program, *args, **kwargs)
+        _MEMO.graph_seconds += time.perf_counter() - t
+        _MEMO.saves[id(program)] = (weakref.ref(program), key, artifact, 0.0, 0.0)
+        return artifact
+
+    serialize_graph_once.memoizes = True                     # type: ignore[attr-defined]
+    return serialize_graph_once
+
+
+def _install_graph_memo() -> None:
+    """Wrap the graph serializer that torch.export.save calls for the graph alone; with
+    another torch, saves stay whole and `resave_seconds` reports the whole save."""
+    try:
+        from torch.export.pt2_archive import _package
+    except ImportError:
+        return
+    serialize = getattr(_package, "serialize", None)
+    if callable(serialize) and not getattr(serialize, "memoizes", False):
+        _package.serialize = _memoize_graph(serialize)
+
+
+def resave_seconds(program: Any) -> float | None:
+    """Seconds that saving `program` again with `save_model` should take: its last save, less
+    the time that save spent serializing the graph, which a save of the same program with its
+    graph unchanged does not repeat. None if `save_model` never saved it."""
+    seen = _MEMO.saves.get(id(program))
+    if seen is None or seen[0]() is not program:
+        return None
+    return max(0.0, seen[3] - seen[4])
+
+
 def save_model(program: Any, path: Path | str) -> Path:
     """Save an exported program (`torch.export.export`) to `path` atomically: written to a
     temporary file in the same folder, synced, then renamed over `path`. Stopped at any moment,
     the process leaves at `path` either the model saved before or this one, never part of one;
-    the runner scores only `path`, so a temporary file left behind is ignored."""
+    the runner scores only `path`, so a temporary file left behind is ignored. Saving the same
+    program again (its weights changed in place) reuses its serialized graph: see
+    `resave_seconds` for what that save costs."""
     import torch
 
+    _install_graph_memo()
+    for gone in [k for k, v in _MEMO.saves.items() if v[0]() is None]:
+        del _MEMO.saves[gone]                    # programs freed since: their graphs too
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _MEMO.on, _MEMO.graph_seconds = True, 0.0
     try:
         with os.fdopen(fd, "wb") as f:
             torch.export.save(program, f)
@@ -214,12 +285,18 @@ def save_model(program: Any, path: Path | str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        _MEMO.on = False
     with contextlib.suppress(OSError):           # the rename itself, on disks that need it
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+    seen = _MEMO.saves.get(id(program))
+    key, artifact = (seen[1], seen[2]) if seen is not None and seen[0]() is program else (None, None)
+    _MEMO.saves[id(program)] = (weakref.ref(program), key, artifact,
+                                time.perf_counter() - t0, _MEMO.graph_seconds)
     return path
 
 
