@@ -30,6 +30,9 @@
 #                                      # slower first step the cache's making or the runner?
 #   bash bench/gpu_lease.sh mtimes     # after warm2, ~3 min, GPU 0: by hand from warm0's cache, each
 #                                      # run's cache copied without its file times, then with them
+#   bash bench/gpu_lease.sh parts      # after warm2, ~1 min, GPU 0: a holdout check's and a save's
+#                                      # cost (bench/check_and_save.py), the interpreter with
+#                                      # torch's import, and the CUDA context's start
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -105,6 +108,13 @@ mtimes)   # after warm2: by hand in the runner's environment from warm0's cache,
         --runner-env --move-cache --cache-from $W/warm0/pysource/compile-cache --warm-runs 2"
     for c in plain keep; do echo "copy $c:"; CUDA_VISIBLE_DEVICES=0 $S --copy $c 2>&1 | tail -n 6
         done ;;
+parts)
+    CUDA_VISIBLE_DEVICES=0 AUTORESEARCH_OUT=$W/parts-out python bench/check_and_save.py \
+        --data $W/data/pysource > $W/parts.log 2>&1; grep -v '^ *$' $W/parts.log | head -60
+    for i in 1 2; do CUDA_VISIBLE_DEVICES=0 python -c "import time; t = time.time()
+import torch; t1 = time.time(); torch.zeros(1, device='cuda'); torch.cuda.synchronize()
+print(f'import torch {t1 - t:.2f} s, CUDA context {time.time() - t1:.2f} s')"; done
+    python -X importtime -c "import torch" 2>&1 | sort -t'|' -k2 -n | tail -6 ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;
