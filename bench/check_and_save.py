@@ -12,7 +12,8 @@ the check without autocast. A check runs every EVAL_EVERY_S seconds of training 
 end (the margin keeps 1.5 times it), so its seconds come out of the training steps' share.
 Then traces the model as train.py's fallback does and saves it three times with
 `prepare.save_model` (the first serializes the graph, the others reuse it where this torch
-allows), with `prepare.resave_seconds` after the first.
+allows), with `prepare.resave_seconds` after each, and compares the last archive with what
+torch.export.save writes whole.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main() -> None:
     os.environ.setdefault("AUTORESEARCH_TIME_BUDGET", "600")
     sys.path.insert(0, str(REPO / "prepare"))
     source = (REPO / "target" / "train.py").read_text()
-    ns: dict = {"__name__": "train"}
+    import types
+    module = types.ModuleType("train")              # a real module: Dynamo imports it by name
+    sys.modules["train"] = module
+    ns = module.__dict__
     exec(compile(source[:source.index("# ---- Fallback ----")], "train.py", "exec"), ns)
     import torch
     import torch.nn.functional as F
@@ -105,6 +109,11 @@ def main() -> None:
         took = time.perf_counter() - t
         print(f"save {n + 1}: {took:.3f} s, resave_seconds {prepare.resave_seconds(program):.3f} s",
               flush=True)
+    import io
+    whole = io.BytesIO()
+    torch.export.save(program, whole)                # outside save_model: a whole save
+    print(f"the last save is the archive a whole save writes: {whole.getvalue() == out.read_bytes()}",
+          flush=True)
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ns["GPU"] else [])
     with profile(activities=acts) as prof:

@@ -114,7 +114,9 @@ parts)
     for i in 1 2; do CUDA_VISIBLE_DEVICES=0 python -c "import time; t = time.time()
 import torch; t1 = time.time(); torch.zeros(1, device='cuda'); torch.cuda.synchronize()
 print(f'import torch {t1 - t:.2f} s, CUDA context {time.time() - t1:.2f} s')"; done
-    python -X importtime -c "import torch" 2>&1 | sort -t'|' -k2 -n | tail -6 ;;
+    python -X importtime -c "import torch" 2>&1 | sort -t'|' -k2 -n | tail -6
+    python -c "import time; t = time.time(); import torch; t1 = time.time()
+torch.compile(torch.nn.Linear(2, 2)); print(f'torch {t1 - t:.2f} s, torch.compile wrapper {time.time() - t1:.2f} s')" ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;

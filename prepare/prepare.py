@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -217,11 +218,18 @@ def _graph_key(program: Any, args: tuple, kwargs: dict) -> tuple:
             str(program.range_constraints), repr(args), repr(sorted(kwargs.items())))
 
 
-def _memoize_graph(serialize: Callable) -> Callable:
+def _memoize_graph(serialize: Callable, weights_apart: bool) -> Callable:
+    """`serialize` (torch's: the program to bytes), answering a save of the same program again
+    from the first save's bytes. Only the graph's part of them may be reused: `weights_apart`
+    says that this torch writes the weights and constants itself, from the live tensors, and
+    uses nothing else of the answer (torch 2.11 still pickles them into it, unused); reused
+    answers carry none, so a torch that did write them would write an empty, invalid model,
+    never a stale one."""
     def serialize_graph_once(program: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _MEMO.on or kwargs.get("serialize_state_dict", True) \
-                or kwargs.get("serialize_constants", True):
-            return serialize(program, *args, **kwargs)       # a whole program, or not ours
+        alone = not kwargs.get("serialize_state_dict", True) \
+            and not kwargs.get("serialize_constants", True)
+        if not _MEMO.on or not (alone or weights_apart):
+            return serialize(program, *args, **kwargs)       # not ours, or weights inside
         key = _graph_key(program, args, kwargs)
         seen = _MEMO.saves.get(id(program))
         if seen is not None and seen[0]() is program and seen[1] == key:
@@ -229,7 +237,9 @@ def _memoize_graph(serialize: Callable) -> Callable:
         t = time.perf_counter()
         artifact = serialize(program, *args, **kwargs)
         _MEMO.graph_seconds += time.perf_counter() - t
-        _MEMO.saves[id(program)] = (weakref.ref(program), key, artifact, 0.0, 0.0)
+        if dataclasses.is_dataclass(artifact) and not isinstance(artifact, type):
+            kept = dataclasses.replace(artifact, state_dict=b"", constants=b"")
+            _MEMO.saves[id(program)] = (weakref.ref(program), key, kept, 0.0, 0.0)
         return artifact
 
     serialize_graph_once.memoizes = True                     # type: ignore[attr-defined]
@@ -237,15 +247,17 @@ def _memoize_graph(serialize: Callable) -> Callable:
 
 
 def _install_graph_memo() -> None:
-    """Wrap the graph serializer that torch.export.save calls for the graph alone; with
-    another torch, saves stay whole and `resave_seconds` reports the whole save."""
+    """Wrap the serializer that torch.export.save calls, in torch's pt2 archive writer; with a
+    torch that has none, saves stay whole and `resave_seconds` reports the whole save."""
     try:
         from torch.export.pt2_archive import _package
     except ImportError:
         return
     serialize = getattr(_package, "serialize", None)
     if callable(serialize) and not getattr(serialize, "memoizes", False):
-        _package.serialize = _memoize_graph(serialize)
+        weights_apart = callable(getattr(_package, "_package_state_dict", None)) \
+            and callable(getattr(_package, "_package_constants", None))
+        _package.serialize = _memoize_graph(serialize, weights_apart)
 
 
 def resave_seconds(program: Any) -> float | None:

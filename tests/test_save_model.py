@@ -108,3 +108,30 @@ def test_a_failed_save_leaves_the_last_model_and_the_memo_off(tmp_path: Path, gr
     assert path.read_bytes() == good and not P._MEMO.on
     whole(program)                                           # outside save_model: no memo
     assert len(graphs) == 2
+
+
+@pytest.mark.parametrize("weights_apart", [True, False])
+def test_only_the_graph_is_ever_reused(weights_apart: bool, graphs, monkeypatch):
+    """Torch versions differ in what their serializer answers: torch 2.13 asks for the graph
+    alone; torch 2.11 asks for everything and writes the weights apart from the answer; older
+    ones write the weights from the answer. A reused answer never carries weights: with the
+    weights in the answer it is never reused, and a reused one carries none (empty: a torch
+    that wrote them would write an invalid model, never the first save's stale weights)."""
+    net = Net()
+    program = export(net)
+    once = P._memoize_graph(serde.serialize, weights_apart)
+    monkeypatch.setattr(P._MEMO, "on", True)
+    first = once(program)                                   # asked for everything, as 2.11 asks
+    assert first.state_dict                                 # the weights, pickled
+    again = once(program)
+    if weights_apart:
+        assert len(graphs) == 1
+        assert again.exported_program == first.exported_program
+        assert again.state_dict == b"" and again.constants == b""
+    else:
+        assert len(graphs) == 2 and again.state_dict        # serialized again, weights and all
+    alone = once(program, serialize_state_dict=False, serialize_constants=False)
+    assert len(graphs) == (2 if weights_apart else 3)        # another request: serialized anew
+    assert alone.state_dict == b""
+    assert once(program, serialize_state_dict=False, serialize_constants=False) is not first
+    assert len(graphs) == (2 if weights_apart else 3)        # and then reused
