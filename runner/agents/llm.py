@@ -217,7 +217,7 @@ class LLMAgent:
             reraise=True)
         try:
             return retrying(self._call, messages)
-        except Exception as exc:                     # noqa: BLE001: every failure is recorded
+        except Exception as exc:                     # noqa: BLE001 - every failure is recorded
             attempts = retrying.statistics.get("attempt_number", 1)
             why = "not retryable" if not retryable(exc) else f"gave up after {attempts} attempts"
             raise LLMFailure(f"llm call failed ({why}): {describe_error(exc)}") from exc
@@ -253,7 +253,7 @@ class LLMAgent:
                                                       f"{reasons[0]}; after a fix request: {reasons[-1]}")
         except LLMFailure as exc:
             proposal.error = str(exc) + (f" (an earlier reply was rejected: {reasons[0]})" if reasons else "")
-        except Exception as exc:                     # noqa: BLE001: the loop must go on
+        except Exception as exc:                     # noqa: BLE001 - the loop must go on
             proposal.error = f"llm agent error: {describe_error(exc)}"
         if proposal.train_py is None:
             proposal.error = proposal.error or "no proposal"
@@ -280,5 +280,5 @@ class LLMAgent:
         try:
             cost = litellm.completion_cost(completion_response=response)
             proposal.cost_usd += float(cost or 0.0)
-        except Exception:                            # noqa: BLE001: unknown price: 0.0
+        except Exception:                            # noqa: BLE001 - unknown price: 0.0
             pass
