@@ -135,3 +135,19 @@ def test_only_the_graph_is_ever_reused(weights_apart: bool, graphs, monkeypatch)
     assert alone.state_dict == b""
     assert once(program, serialize_state_dict=False, serialize_constants=False) is not first
     assert len(graphs) == (2 if weights_apart else 3)        # and then reused
+
+
+def test_changed_example_inputs_or_an_unrecompiled_graph_edit_are_serialized_anew(tmp_path: Path, graphs):
+    """The serialized graph also holds the example inputs, and the graph's nodes themselves
+    (an edit without recompile() leaves the generated code as it was): either change is seen."""
+    net = Net()
+    program = export(net)
+    path = tmp_path / "model.pt2"
+    P.save_model(program, path)
+    program.example_inputs[0][0].fill_(3)                  # in place
+    P.save_model(program, path)
+    assert len(graphs) == 2 and path.read_bytes() == whole(program)
+    node = next(n for n in program.graph.nodes if n.target == torch.ops.aten.relu.default)
+    node.target = torch.ops.aten.sigmoid.default           # no recompile()
+    P.save_model(program, path)
+    assert len(graphs) == 4 and path.read_bytes() == whole(program)   # (3: the whole save)
