@@ -201,9 +201,9 @@ class _GraphMemo(threading.local):
     """The serialized graph of each program save_model saved, so that saving the same program
     again writes its weights only. torch.export.save serializes the graph (most of a save's
     time: a deep copy and a JSON of every node) and then writes the weights; the graph does not
-    change when the weights are trained in place, so its bytes are reused while the program's
-    graph, signature and shape constraints are those they were made from. The archive is the one
-    torch.export.save would write (tests/test_prepare_score.py compares them byte for byte)."""
+    change when the weights are trained in place, so its bytes are reused while everything
+    else they were made from is unchanged (`_graph_key`). The archive is the one
+    torch.export.save would write (tests/test_save_model.py compares them byte for byte)."""
     on = False                                        # only inside save_model
     saves: dict[int, tuple[Any, Any, Any, float, float]] = {}
     # id(program) -> (weakref to it, graph key, serialized graph, last save's s, its graph's s)

@@ -500,8 +500,7 @@ checked = f"holdout loss {best_loss:.4f}, check {check_seconds:.2f}s" if holdout
 final = f"traced again, {trace_again}" if trace_again else "this program saved again"
 print(f"fallback saved: {checked}, trace {trace_seconds:.2f}s, save {save_seconds:.2f}s "
       f"(again {resave_seconds:.2f}s), reuse check {t4 - t3:.2f}s, margin {margin:.1f}s "
-      f"(final save: {final}), "
-      f"left {prepare.time_left():.1f}s", flush=True)
+      f"(final save: {final}), left {prepare.time_left():.1f}s", flush=True)
 
 # ---- Training ----
 # The schedule runs on the time left: from the end of the first step (which pays for
