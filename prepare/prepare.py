@@ -215,15 +215,17 @@ _MEMO = _GraphMemo()
 
 def _graph_key(program: Any, args: tuple, kwargs: dict) -> tuple:
     """Everything of `program` that its serialized graph holds, but the weights' values: the
-    graph (its nodes, and the code made from them), its signature, module call graph and shape
-    constraints, and the example inputs (each tensor by identity and version: an in-place
-    change counts). Milliseconds, against a second or more to serialize."""
+    graph (its nodes, and the code made from them), its signature, module call graph, shape
+    constraints, verifiers and guards, and the example inputs (each tensor by identity and
+    version: an in-place change counts). Milliseconds, against a second or more to serialize."""
     import torch.utils._pytree as pytree
     examples = tuple((id(x), x._version, tuple(x.shape), str(x.dtype), str(x.device))
                      if hasattr(x, "_version") else repr(x)
                      for x in pytree.tree_leaves(program.example_inputs))
     return (str(program.graph), program.graph_module.code, str(program.graph_signature),
-            str(program.module_call_graph), str(program.range_constraints), examples,
+            str(program.module_call_graph), str(program.range_constraints),
+            repr([getattr(v, "dialect", v) for v in getattr(program, "verifiers", ())]),
+            repr(getattr(program, "_guards_code", None)), examples,
             repr(args), repr(sorted(kwargs.items())))
 
 
