@@ -248,15 +248,13 @@ def teardown(cli, trial: str, containers: list, volumes: list, log: Log,
     a busy engine). A volume is retried while the engine still holds it (a container's removal
     can release its mounts a moment later) for up to `wait_s`; what is left is logged, and the
     next runner's start removes it. Never raises: it runs on every path out of a trial."""
-    def remove(thing, what: str) -> bool:
+    def remove(thing, what: str) -> None:
         try:
             thing.remove(force=True)
         except docker.errors.NotFound:
             pass
         except (docker.errors.APIError, requests.exceptions.RequestException) as e:
             log(f"warning: could not remove {what} {thing.name}: {str(e)[:200]}")
-            return False
-        return True
 
     label = {"label": f"{LABEL_TRIAL}={trial}"}
     for c in reversed(containers):
