@@ -169,3 +169,28 @@ def test_teardown_removes_what_the_runner_never_got_a_handle_on():
         assert said == []
     finally:
         other.remove(force=True)
+
+
+def test_teardown_of_a_volume_held_from_outside_the_trial_gives_up_in_time_and_says_so():
+    """A volume of the trial that something outside the trial keeps mounted (no trial label:
+    teardown must not remove that container) cannot be removed: teardown neither raises nor
+    waits past its bound, logs the volume, and leaves the outside container alone."""
+    import time
+
+    cli = docker.from_env()
+    B = docker_backend
+    held = cli.volumes.create(labels={B.LABEL_RUN: RUN, B.LABEL_OWNER: B.OWNER, B.LABEL_TRIAL: "t3"})
+    outside = cli.containers.run(images.default_base_tag(), ["sleep", "60"], detach=True,
+                                 network_mode="none", labels={B.LABEL_RUN: RUN},
+                                 volumes={held.name: {"bind": "/v", "mode": "rw"}})
+    said: list[str] = []
+    try:
+        t0 = time.monotonic()
+        B.teardown(cli, "t3", [], [held], said.append, wait_s=2)
+        assert time.monotonic() - t0 < 2 + 5                 # its bound, and one engine call
+        assert len(said) == 1 and held.name in said[0] and "still held" in said[0]
+        outside.reload()
+        assert outside.status == "running"
+    finally:
+        outside.remove(force=True)
+        held.remove(force=True)
