@@ -1,7 +1,7 @@
 """What one holdout check and one save of train.py cost on a GPU, and where a check's time
 goes (issue 11).
 
-    python bench/check_and_save.py --data DIR [--steps 6] [--checks 3]
+    python bench/check_and_save.py --data DIR [--steps 6] [--checks 3] [--train-first]
 
 Runs target/train.py's own code up to its fallback (knobs, model, optimizers, data, the
 compiled loss and `holdout_loss`) in this process, then times `holdout_loss()` before any
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="prepared data folder")
     ap.add_argument("--steps", type=int, default=6, help="training steps before the later checks")
     ap.add_argument("--checks", type=int, default=3, help="checks timed each time")
+    ap.add_argument("--train-first", action="store_true",
+                    help="no check before training: the first check's call comes after the "
+                         "steps (what of its first-call cost the steps already paid)")
     args = ap.parse_args()
     os.environ["AUTORESEARCH_DATA_DIR"] = str(args.data)
     os.environ.setdefault("AUTORESEARCH_TIME_BUDGET", "600")
@@ -79,7 +82,8 @@ def main() -> None:
 
     print(f"holdout: {len(holdout)} batches of {tuple(holdout[0][0].shape)}", flush=True)
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)             # noqa: E731
-    print(f"before training: check {fmt(timed(ns['holdout_loss'], args.checks))} s", flush=True)
+    if not args.train_first:
+        print(f"before training: check {fmt(timed(ns['holdout_loss'], args.checks))} s", flush=True)
     x, y = next(ns["loader"])
     for step in range(args.steps):
         sync()

@@ -33,6 +33,11 @@
 #   bash bench/gpu_lease.sh parts      # after warm2, ~1 min, GPU 0: a holdout check's and a save's
 #                                      # cost (bench/check_and_save.py), the interpreter with
 #                                      # torch's import, and the CUDA context's start
+#   bash bench/gpu_lease.sh sample     # after warm2, ~4 min, GPU 0: by hand in the runner's
+#                                      # environment from warm0's cache, two warm runs sampled
+#                                      # (bench/sample_stacks.py: the start-up by function); two
+#                                      # more with Dynamo's caching precompile on; then a first
+#                                      # holdout check after six steps (check_and_save --train-first)
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -117,6 +122,28 @@ print(f'import torch {t1 - t:.2f} s, CUDA context {time.time() - t1:.2f} s')"; d
     python -X importtime -c "import torch" 2>&1 | sort -t'|' -k2 -n | tail -6
     python -c "import time; t = time.time(); import torch; t1 = time.time()
 torch.compile(torch.nn.Linear(2, 2)); print(f'torch {t1 - t:.2f} s, torch.compile wrapper {time.time() - t1:.2f} s')" ;;
+sample)
+    S="python bench/startup_profile.py --data $W/data/pysource --budget 30 --no-profile \
+        --runner-env --move-cache --copy runner --cache-from $W/warm0/pysource/compile-cache"
+    CUDA_VISIBLE_DEVICES=0 $S --warm-runs 2 --sample > $W/sample.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 $S --warm-runs 3 --env TORCH_CACHING_PRECOMPILE=1 > $W/precompile.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 AUTORESEARCH_OUT=$W/parts-out python bench/check_and_save.py \
+        --data $W/data/pysource --train-first > $W/first-check.log 2>&1
+    grep -v '^ *$' $W/sample.log | cut -c1-160; cat $W/precompile.log
+    grep -v '^ *$' $W/first-check.log | head -16 ;;
+imports)  # after warm2, ~1 min: importing torch, Dynamo and inductor with warm0's bytecode
+          # on this disk and on a tmpfs (/dev/shm), then one warm run sampled
+    df -T /tmp $W /dev/shm | tail -n +2
+    for where in disk shm disk shm; do
+        d=$W/pc-disk; [ $where = shm ] && d=/dev/shm/pc; rm -rf $d
+        cp -r $W/warm0/pysource/compile-cache/pycache $d; sync
+        env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$d python -c "import time; t = time.time()
+import torch, torch._dynamo, torch._inductor.compile_fx, torch.export; print('$where', round(time.time() - t, 2), 's')"
+    done
+    CUDA_VISIBLE_DEVICES=0 python bench/startup_profile.py --data $W/data/pysource --budget 30 \
+        --no-profile --runner-env --move-cache --copy runner --cache-from \
+        $W/warm0/pysource/compile-cache --warm-runs 1 --sample > $W/sample2.log 2>&1
+    grep -v '^ *$' $W/sample2.log | cut -c1-160 ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;

@@ -4,7 +4,7 @@ the first step; cold and warm compile cache.
     python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
         [--bytecode-cache] [--fresh-home] [--cuda-cache] [--runner-env] [--move-cache] \
         [--copy keep|plain|runner] [--cache-from DIR] [--keep-cache DIR] [--warm-runs N] \
-        [--no-profile]
+        [--no-profile] [--sample] [--env NAME=VALUE]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
 prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
@@ -48,7 +48,8 @@ import slot_share  # noqa: E402  (bench/, this script's folder: the start-up's p
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         bytecode: bool = False, train: Path = REPO / "target" / "train.py",
         fresh_home: bool = False, cuda_cache: bool = False,
-        runner_env: bool = False) -> dict[str, float]:
+        runner_env: bool = False, sample: bool = False,
+        extra_env: dict[str, str] | None = None) -> dict[str, float]:
     base = dict(os.environ)
     if runner_env:                  # the process backend's scrubbed environment, fresh home
         home = Path(tempfile.mkdtemp(prefix="trial-"))
@@ -64,9 +65,10 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         env.update(compile_cache.bytecode_env(str(cache)))
     (cache.parent / "out").mkdir(exist_ok=True)
     cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
-        [str(train)]
+        ([str(REPO / "bench" / "sample_stacks.py")] if sample else []) + [str(train)]
     env["AUTORESEARCH_DEADLINE"] = f"{time.time() + budget:.3f}"   # the clock starts here
     env["TORCH_LOGS"] = "recompiles"
+    env.update(extra_env or {})
     if fresh_home:                  # as the backends do: an empty HOME and TMPDIR per run
         env["HOME"] = env["TMPDIR"] = tempfile.mkdtemp(prefix="home-")
     if runner_env:                  # its launcher and limits, output read as it reads it
@@ -80,6 +82,8 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     else:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
     out = done.stdout
+    if sample and "\n== setup" in done.stderr:     # bench/sample_stacks.py's report
+        print(done.stderr[done.stderr.index("\n== setup"):], flush=True)
     summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
     first = float(summary.get("startup_seconds", "nan"))
     fallback = next((line for line in out.splitlines() if line.startswith("fallback saved")), "")
@@ -112,6 +116,11 @@ def main() -> int:
                     help="keep Python's bytecode in the cache too (the process backend does when "
                          "torch has none of its own)")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for every run (e.g. a torch setting)")
+    ap.add_argument("--sample", action="store_true",
+                    help="warm runs through bench/sample_stacks.py: the start-up's parts by "
+                         "function, sampled (seconds, not cProfile's shares)")
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="run a copy of train.py with COMPILE set to MODE (blocks, whole)")
     ap.add_argument("--warm-runs", type=int, default=1, help="warm runs without cProfile")
@@ -154,7 +163,8 @@ def main() -> int:
             shutil.rmtree(cache)
             cache = moved
         figures = run(args.data.resolve(), cache, args.budget, prof, args.bytecode_cache, train,
-                      args.fresh_home, args.cuda_cache, args.runner_env)
+                      args.fresh_home, args.cuda_cache, args.runner_env,
+                      args.sample and name == "warm", dict(e.split("=", 1) for e in args.env))
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "line"))
         print(f"  {figures['line']}")
         print("  cache after it: " + ", ".join(f"{d.name} {sum(1 for f in d.rglob('*') if f.is_file())}"
