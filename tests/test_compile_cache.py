@@ -510,6 +510,46 @@ def test_process_trial_keeps_bytecode_only_for_an_installation_without_it(
     assert set(written) <= again
 
 
+def _package(root: Path, name: str, modules: int, with_bytecode: int, tag: str = "") -> Path:
+    """A package of `modules` sources in two folders, the first `with_bytecode` of them with
+    bytecode beside them (for this interpreter, or for `tag`)."""
+    import sys
+    tag = tag or sys.implementation.cache_tag
+    pkg = root / name
+    for i in range(modules):
+        folder = pkg if i % 2 else pkg / "sub"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = "__init__" if i < 2 else f"m{i}"
+        (folder / f"{stem}.py").write_text(f"X = {i}\n")
+        if i < with_bytecode:
+            (folder / "__pycache__").mkdir(exist_ok=True)
+            (folder / "__pycache__" / f"{stem}.{tag}.pyc").write_bytes(b"")
+    return pkg
+
+
+def test_installed_bytecode_counts_every_source_not_a_few(tmp_path, monkeypatch):
+    """An installation counts as having its bytecode only when (almost) every source has it:
+    a writable one where the host's processes wrote it for what they imported (the package's
+    __init__ files and a few more) still compiles the rest in every trial, so its trials keep
+    bytecode in their cache. One source in a hundred may lack it (pip skips a file that does
+    not compile); bytecode of another Python does not count. Checked on real folders, and
+    through installed_bytecode's lookup of the packages on the path."""
+    from runner.sandbox import process_backend
+    full = _package(tmp_path, "full", 200, 200)
+    assert process_backend.bytecode_complete([str(full)])
+    assert not process_backend.bytecode_complete([str(_package(tmp_path, "few", 200, 3))])
+    assert process_backend.bytecode_complete([str(_package(tmp_path, "odd", 200, 198))])
+    assert not process_backend.bytecode_complete([str(_package(tmp_path, "more", 200, 197))])
+    assert not process_backend.bytecode_complete([str(_package(tmp_path, "other", 200, 200,
+                                                                        "cpython-20"))])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for packages, expected in ((("full", "odd", "absent_package"), True), (("full", "few"), False)):
+        monkeypatch.setattr(process_backend, "BYTECODE_PACKAGES", packages)
+        process_backend.installed_bytecode.cache_clear()
+        assert process_backend.installed_bytecode() is expected
+    process_backend.installed_bytecode.cache_clear()
+
+
 def test_process_trial_with_an_oversized_cache_leaves_none(tmp_path, small_data):
     from runner.trial import run_trial
     rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "big", big=12), 2, None,
