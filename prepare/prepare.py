@@ -197,6 +197,19 @@ def time_left() -> float:
     return max(0.0, DEADLINE - time.time())
 
 
+@dataclasses.dataclass
+class _Saved:
+    """What save_model remembers of a program it saved."""
+    program: weakref.ref                              # the program (the id alone may be reused)
+    key: tuple | None = None                          # its graph's key (`_graph_key`) ...
+    graph: Any = None                                 # ... and the serialized graph, no weights
+    seconds: float = 0.0                              # its last save's seconds ...
+    graph_seconds: float = 0.0                        # ... of which serializing the graph
+
+    def of(self, program: Any) -> bool:
+        return self.program() is program
+
+
 class _GraphMemo(threading.local):
     """The serialized graph of each program save_model saved, so that saving the same program
     again writes its weights only. torch.export.save serializes the graph (most of a save's
@@ -205,8 +218,7 @@ class _GraphMemo(threading.local):
     else they were made from is unchanged (`_graph_key`). The archive is the one
     torch.export.save would write (tests/test_save_model.py compares them byte for byte)."""
     on = False                                        # only inside save_model
-    saves: dict[int, tuple[Any, Any, Any, float, float]] = {}
-    # id(program) -> (weakref to it, graph key, serialized graph, last save's s, its graph's s)
+    saves: dict[int, _Saved] = {}                     # by id(program), while it lives
     graph_seconds = 0.0                               # spent serializing in the current save
 
 
@@ -243,14 +255,14 @@ def _memoize_graph(serialize: Callable, weights_apart: bool) -> Callable:
             return serialize(program, *args, **kwargs)       # not ours, or weights inside
         key = _graph_key(program, args, kwargs)
         seen = _MEMO.saves.get(id(program))
-        if seen is not None and seen[0]() is program and seen[1] == key:
-            return seen[2]
+        if seen is not None and seen.of(program) and seen.key == key:
+            return seen.graph
         t = time.perf_counter()
         artifact = serialize(program, *args, **kwargs)
         _MEMO.graph_seconds += time.perf_counter() - t
         if dataclasses.is_dataclass(artifact) and not isinstance(artifact, type):
             kept = dataclasses.replace(artifact, state_dict=b"", constants=b"")
-            _MEMO.saves[id(program)] = (weakref.ref(program), key, kept, 0.0, 0.0)
+            _MEMO.saves[id(program)] = _Saved(weakref.ref(program), key, kept)
         return artifact
 
     serialize_graph_once.memoizes = True                     # type: ignore[attr-defined]
@@ -276,9 +288,9 @@ def resave_seconds(program: Any) -> float | None:
     the time that save spent serializing the graph, which a save of the same program with its
     graph unchanged does not repeat. None if `save_model` never saved it."""
     seen = _MEMO.saves.get(id(program))
-    if seen is None or seen[0]() is not program:
+    if seen is None or not seen.of(program):
         return None
-    return max(0.0, seen[3] - seen[4])
+    return max(0.0, seen.seconds - seen.graph_seconds)
 
 
 def save_model(program: Any, path: Path | str) -> Path:
@@ -291,7 +303,7 @@ def save_model(program: Any, path: Path | str) -> Path:
     import torch
 
     _install_graph_memo()
-    for gone in [k for k, v in _MEMO.saves.items() if v[0]() is None]:
+    for gone in [k for k, v in _MEMO.saves.items() if v.program() is None]:
         del _MEMO.saves[gone]                    # programs freed since: their graphs too
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,9 +329,9 @@ def save_model(program: Any, path: Path | str) -> Path:
         finally:
             os.close(folder)
     seen = _MEMO.saves.get(id(program))
-    key, artifact = (seen[1], seen[2]) if seen is not None and seen[0]() is program else (None, None)
-    _MEMO.saves[id(program)] = (weakref.ref(program), key, artifact,
-                                time.perf_counter() - t0, _MEMO.graph_seconds)
+    if seen is None or not seen.of(program):     # not serialized through the memo: no graph
+        seen = _MEMO.saves[id(program)] = _Saved(weakref.ref(program))
+    seen.seconds, seen.graph_seconds = time.perf_counter() - t0, _MEMO.graph_seconds
     return path
 
 
