@@ -344,7 +344,8 @@ data_dir = prepare.data_dir()
 vocab_size = prepare.load_meta(data_dir)["vocab_size"]
 max_len = max(SEQ_LEN, prepare.SEQ_LEN)
 
-model = GPT(vocab_size, max_len).to(DEVICE)
+with torch.device(DEVICE):               # made where it trains: no init on the CPU to copy over
+    model = GPT(vocab_size, max_len)
 model.init_weights()
 num_params = sum(p.numel() for p in model.parameters())
 matrices, adam_groups = optimizer_groups(model)
