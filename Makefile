@@ -87,15 +87,20 @@ lint:
 	$(PY) -m mypy
 
 # Benchmarks: every bench/*.py is a standalone script that prints its figures for
-# bench/RESULTS.md (see bench/README.md: each result there with its command and machine).
-# This target runs them all in turn.
+# bench/RESULTS.md (bench/README.md: each result there with its command and machine). Most need
+# prepared data, a GPU or minutes, so `make bench` lists them with what each measures, and
+# `make bench NAME=scorer_cost ARGS='--help'` runs one.
+NAME ?=
+ARGS ?=
 bench:
-	@set -e; found=0; \
-	for f in bench/*.py; do \
-		[ -e "$$f" ] || continue; found=1; \
-		echo "== $$f"; $(PY) "$$f"; \
-	done; \
-	[ $$found = 1 ] || echo "no benchmark scripts in bench/"
+ifeq ($(NAME),)
+	@$(PY) -c 'import ast, pathlib; [print(p.stem.ljust(18), \
+		(ast.get_docstring(ast.parse(p.read_text())) or "-").splitlines()[0]) \
+		for p in sorted(pathlib.Path("bench").glob("*.py"))]'
+	@echo "run one: make bench NAME=<name> ARGS='--help'"
+else
+	$(PY) bench/$(NAME).py $(ARGS)
+endif
 
 # Caches and build leftovers only: never data/, runs/ or the virtualenv.
 clean:

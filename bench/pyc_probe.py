@@ -8,7 +8,6 @@ compiled from source, and any bytecode it could not write.
                                                   # the compile cache of the first run
 """
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -16,41 +15,36 @@ import time
 from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from runner.sandbox import cache, process_backend  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+import startup_profile  # noqa: E402  (a trial's environment and launch, as the backend makes them)
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--train", type=Path, default=None, metavar="DATA")
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--train", type=Path, default=None, metavar="DATA",
+                help="run target/train.py on this prepared data, not the imports alone")
 ap.add_argument("--budget", type=int, default=20)
 args = ap.parse_args()
 root = Path(tempfile.mkdtemp())
 (root / "w").mkdir()
-gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
 for i in (1, 2):
-    env = process_backend.build_env(root / "w", gpu)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.update(cache.bytecode_env(str(root / "cache")))
+    env = startup_profile.trial_env(root / "w", root / "cache", bytecode=True)
     if args.train:
         shutil.copyfile(REPO / "target" / "train.py", root / "w" / "train.py")
         shutil.copyfile(REPO / "prepare" / "prepare.py", root / "w" / "prepare.py")
-        env.update(cache.env(str(root / "cache")))
         env.update({"AUTORESEARCH_DATA_DIR": str(args.train.resolve()), "AUTORESEARCH_OUT": str(root / "w"),
                     "AUTORESEARCH_DEADLINE": f"{time.time() + args.budget:.3f}",
                     "AUTORESEARCH_TIME_BUDGET": str(args.budget)})
         cmd = [sys.executable, "-v", "-u", "train.py"]
     else:
         cmd = [sys.executable, "-v", "-c", "import torch, torch._dynamo, torch._inductor.compile_fx, torch.export"]
-    limits = process_backend.rlimits_for(2**40, gpu, 2**32)
-    with open(root / f"o{i}", "w+b") as o, open(root / f"e{i}", "w+b") as e:
-        p = process_backend.launch(cmd, root / "w", env, limits, o, e)
-        p.wait(timeout=args.budget + 200)
-    err = (root / f"e{i}").read_text(errors="replace").splitlines()
+    done = startup_profile.launch_as_trial(cmd, root / "w", env, args.budget + 200)
+    err = done.stderr.splitlines()
     froms = [ln.rstrip().rstrip("'") for ln in err if ln.startswith("# code object from")]
     code = [ln for ln in froms if ln.endswith(".py")]
-    print(f"run {i}: rc {p.returncode}, bytecode written {sum('# created' in ln for ln in err)}, "
+    print(f"run {i}: rc {done.returncode}, bytecode written {sum('# created' in ln for ln in err)}, "
           f"compiled from source {len(code)}, read from bytecode {sum(ln.endswith('.pyc') for ln in froms)}")
     for ln in [ln for ln in err if ln.startswith("# could not") or "stale" in ln or ln.startswith("# bad")][:10]:
         print("   ", ln[:220])
     if i == 2:
         for ln in code[:25]:
             print("   ", ln[:200])
-    print((root / f"o{i}").read_text(errors="replace")[-300:] if args.train else "", flush=True)
+    print(done.stdout[-300:] if args.train else "", flush=True)

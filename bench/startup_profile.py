@@ -45,24 +45,56 @@ from runner.sandbox import process_backend  # noqa: E402  (how it launches a tri
 import slot_share  # noqa: E402  (bench/, this script's folder: the start-up's parts, one parser)
 
 
+def trial_env(home: Path, cache: Path, bytecode: bool | None = None) -> dict[str, str]:
+    """The environment the process backend gives a trial with a compile cache at `cache`: its
+    scrubbed environment with `home` (HOME and TMPDIR under it), the compile and driver's JIT
+    caches, and the bytecode kept in the cache when `bytecode` (default: the backend's rule,
+    for an installation without its own)."""
+    env = process_backend.build_env(home, os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    env.update(compile_cache.env(str(cache)))
+    keep = (not process_backend.installed_bytecode()) if bytecode is None else bytecode
+    if keep:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.update(compile_cache.bytecode_env(str(cache)))
+    return env
+
+
+def launch_as_trial(cmd: list[str], cwd: Path, env: dict[str, str],
+                    timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` through the process backend's launcher and limits; its output, as text."""
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        limits = process_backend.rlimits_for(2**40, env["CUDA_VISIBLE_DEVICES"], 2**32)
+        proc = process_backend.launch(cmd, cwd, env, limits, out_f, err_f)
+        proc.wait(timeout=timeout)
+        out_f.seek(0), err_f.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode,
+                                           out_f.read().decode(errors="replace"),
+                                           err_f.read().decode(errors="replace"))
+
+
+def summary_of(out: str) -> dict[str, str]:
+    """train.py's closing summary (the lines after its last `---`)."""
+    return dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines()
+                if ": " in line)
+
+
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
         bytecode: bool = False, train: Path = REPO / "target" / "train.py",
         fresh_home: bool = False, cuda_cache: bool = False,
         runner_env: bool = False, sample: bool = False,
         extra_env: dict[str, str] | None = None) -> dict[str, float]:
-    base = dict(os.environ)
     if runner_env:                  # the process backend's scrubbed environment, fresh home
-        home = Path(tempfile.mkdtemp(prefix="trial-"))
-        base = process_backend.build_env(home, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        cuda_cache, bytecode = True, not process_backend.installed_bytecode()
-    env = {**base, "PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
-           "AUTORESEARCH_TIME_BUDGET": str(budget), "AUTORESEARCH_OUT": str(cache.parent / "out"),
-           **compile_cache.env(str(cache))}
-    if not cuda_cache:              # the driver's JIT cache where the driver puts it by default
-        env.pop("CUDA_CACHE_PATH")
-    if bytecode:                    # as the process backend does for a torch without bytecode
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env.update(compile_cache.bytecode_env(str(cache)))
+        env = trial_env(Path(tempfile.mkdtemp(prefix="trial-")), cache)
+    else:
+        env = {**os.environ, **compile_cache.env(str(cache))}
+        if not cuda_cache:          # the driver's JIT cache where the driver puts it by default
+            env.pop("CUDA_CACHE_PATH")
+        if bytecode:                # as the process backend does for a torch without bytecode
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env.update(compile_cache.bytecode_env(str(cache)))
+    env.update({"PYTHONPATH": str(REPO / "prepare"), "AUTORESEARCH_DATA_DIR": str(data),
+                "AUTORESEARCH_TIME_BUDGET": str(budget),
+                "AUTORESEARCH_OUT": str(cache.parent / "out")})
     (cache.parent / "out").mkdir(exist_ok=True)
     cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
         ([str(REPO / "bench" / "sample_stacks.py")] if sample else []) + [str(train)]
@@ -72,19 +104,13 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     if fresh_home:                  # as the backends do: an empty HOME and TMPDIR per run
         env["HOME"] = env["TMPDIR"] = tempfile.mkdtemp(prefix="home-")
     if runner_env:                  # its launcher and limits, output read as it reads it
-        with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
-            limits = process_backend.rlimits_for(2**40, env["CUDA_VISIBLE_DEVICES"], 2**32)
-            proc = process_backend.launch(cmd, REPO, env, limits, out_f, err_f)
-            proc.wait(timeout=budget + 120)
-            out_f.seek(0), err_f.seek(0)
-            done = subprocess.CompletedProcess(cmd, proc.returncode, out_f.read().decode(),
-                                               err_f.read().decode())
+        done = launch_as_trial(cmd, REPO, env, budget + 120)
     else:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget + 120)
     out = done.stdout
     if sample and "\n== setup" in done.stderr:     # bench/sample_stacks.py's report
         print(done.stderr[done.stderr.index("\n== setup"):], flush=True)
-    summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
+    summary = summary_of(out)
     first = float(summary.get("startup_seconds", "nan"))
     fallback = next((line for line in out.splitlines() if line.startswith("fallback saved")), "")
     parts = slot_share.startup_parts({"budget": budget, "log_tail": out},

@@ -11,7 +11,6 @@ run's start-up and its parts (setup / fallback / first step); the last of the fr
 is sampled (bench/sample_stacks.py) and its report printed.
 """
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -21,38 +20,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from runner.sandbox import cache, process_backend  # noqa: E402
+from runner.sandbox import cache  # noqa: E402
 import slot_share  # noqa: E402
+import startup_profile  # noqa: E402  (a trial's environment and launch, as the backend makes them)
 
 
 def run(root: Path, data: Path, cache_dir: Path, home: Path, budget: int, sample: bool) -> str:
     work = root / "w"
     work.mkdir(exist_ok=True)
-    env = process_backend.build_env(home, os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     shutil.copyfile(REPO / "target" / "train.py", work / "train.py")
     shutil.copyfile(REPO / "prepare" / "prepare.py", work / "prepare.py")
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.update(cache.bytecode_env(str(cache_dir)))
-    env.update(cache.env(str(cache_dir)))
+    env = startup_profile.trial_env(home, cache_dir, bytecode=True)
     env.update({"AUTORESEARCH_DATA_DIR": str(data), "AUTORESEARCH_OUT": str(work),
                 "AUTORESEARCH_TIME_BUDGET": str(budget),
                 "AUTORESEARCH_DEADLINE": f"{time.time() + budget:.3f}"})
     cmd = [sys.executable, "-u"] + ([str(REPO / "bench" / "sample_stacks.py")] if sample else []) \
         + ["train.py"]
-    limits = process_backend.rlimits_for(2**40, env["CUDA_VISIBLE_DEVICES"], 2**32)
-    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
-        p = process_backend.launch(cmd, work, env, limits, o, e)
-        p.wait(timeout=budget + 200)
-        o.seek(0), e.seek(0)
-        out, err = o.read().decode(errors="replace"), e.read().decode(errors="replace")
-    summary = dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines() if ": " in line)
+    done = startup_profile.launch_as_trial(cmd, work, env, budget + 200)
+    summary = startup_profile.summary_of(done.stdout)
     first = float(summary.get("startup_seconds", "nan"))
-    parts = slot_share.startup_parts({"budget": budget, "log_tail": out}, first)
+    parts = slot_share.startup_parts({"budget": budget, "log_tail": done.stdout}, first)
     fmt = lambda v: "?" if v is None else f"{v:.1f}"              # noqa: E731
     line = (f"start-up {first:.1f} s ({fmt(parts['setup'])} / {fmt(parts['fallback'])} / "
-            f"{fmt(parts['first'])}), steps {summary.get('num_steps')}, rc {p.returncode}")
-    if sample and "\n== setup" in err:
-        line += "\n" + err[err.index("\n== setup"):]
+            f"{fmt(parts['first'])}), steps {summary.get('num_steps')}, rc {done.returncode}")
+    if sample and "\n== setup" in done.stderr:
+        line += "\n" + done.stderr[done.stderr.index("\n== setup"):]
     return line
 
 

@@ -510,6 +510,57 @@ def test_process_trial_keeps_bytecode_only_for_an_installation_without_it(
     assert set(written) <= again
 
 
+PYC_PLANT = r"""
+import importlib.util, importlib._bootstrap_external as bootstrap
+source_path = json.__file__                     # the stdlib's json: train.py and the scorer import it
+hook = ("\nimport os as _os, sys as _sys\n"
+        "with open(_os.path.join(__MARKS__, str(_os.getpid())), 'w') as _f:\n"
+        "    _f.write(' '.join(_sys.argv))\n")
+code = compile(open(source_path).read() + hook, source_path, "exec")
+st = os.stat(source_path)                       # the header a reader checks: it validates
+planted = importlib.util.cache_from_source(source_path)     # under PYTHONPYCACHEPREFIX
+os.makedirs(os.path.dirname(planted), exist_ok=True)
+with open(planted, "wb") as f:
+    f.write(bootstrap._code_to_timestamp_pyc(code, st.st_mtime, st.st_size))
+print("PLANTED", os.path.relpath(planted, ROOT), flush=True)
+"""
+
+
+def test_bytecode_planted_in_the_cache_reaches_no_scorer_and_no_unkept_line(
+        tmp_path, small_data, monkeypatch):
+    """A candidate on an installation without its bytecode (the trial keeps Python's bytecode
+    in its cache) writes bytecode for the stdlib's json under its PYTHONPYCACHEPREFIX, valid for
+    the source's time and size, that leaves a mark naming the process that loads it. Its own
+    scorer loads none of it (the scorer runs isolated from PYTHON* variables, off the cache); a
+    trial on the run's cache as it was (the planter discarded) gets none of it; a trial on the
+    planter's cache (as after a keep: a kept line's cache is as trusted as its train.py) loads it
+    in its train.py alone, and its scorer still scores clean."""
+    from runner.sandbox import process_backend
+    from runner.trial import run_trial
+    monkeypatch.setattr(process_backend, "installed_bytecode", lambda: False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    kept = run_cache(tmp_path / "run")
+    room = {"cache_bytes": 256 * MIB, "cache_files": 20_000}
+    planter = CANDIDATE.replace("V = prepare.load_meta()", PYC_PLANT + "V = prepare.load_meta()")
+    rec = run_trial(spec(tmp_path, small_data, render(planter, "pyc").replace(
+        "__MARKS__", repr(str(marks))), 1, kept, tmp_path / "t1", **room), "process")
+    assert rec["status"] == "ok" and rec["val_bpb"] > 0, rec
+    where = re.search(r"^PLANTED (\S+)$", rec["log_tail"], re.M)
+    assert where and (tmp_path / "t1" / where.group(1)).is_file(), rec["log_tail"]
+    assert where.group(1).startswith(cache.PYCACHE + "/")
+    assert list(marks.iterdir()) == []                   # its scorer loaded none of it
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "next"), 2, kept,
+                         tmp_path / "t2", **room), "process")
+    assert rec["status"] == "ok", rec
+    assert list(marks.iterdir()) == []                   # discarded: the next trial gets none
+    rec = run_trial(spec(tmp_path, small_data, render(CANDIDATE, "after-keep"), 3,
+                         tmp_path / "t1", tmp_path / "t3", **room), "process")
+    assert rec["status"] == "ok" and rec["val_bpb"] > 0, rec
+    loaders = [m.read_text() for m in marks.iterdir()]
+    assert loaders and all(argv.split()[0].endswith("train.py") for argv in loaders), loaders
+
+
 def _package(root: Path, name: str, modules: int, with_bytecode: int, tag: str = "") -> Path:
     """A package of `modules` sources in two folders, the first `with_bytecode` of them with
     bytecode beside them (for this interpreter, or for `tag`)."""

@@ -270,10 +270,10 @@ BYTECODE_PACKAGES = ("torch", "triton", "sympy", "numpy")   # most of a trial's 
 BYTECODE_MISSING_OK = 0.01      # pip skips the odd source that does not compile on this Python
 
 
-def bytecode_complete(roots: list[str], cache_tag: str | None = None) -> bool:
-    """Whether every Python source under `roots` has its bytecode beside it (``__pycache__``),
-    but for `BYTECODE_MISSING_OK` of them."""
-    tag = cache_tag or sys.implementation.cache_tag
+def bytecode_complete(roots: list[str]) -> bool:
+    """Whether every Python source under `roots` has this interpreter's bytecode beside it
+    (``__pycache__``), but for `BYTECODE_MISSING_OK` of them."""
+    tag = sys.implementation.cache_tag
     total = missing = 0
     for root in roots:
         for folder, dirs, files in os.walk(root):
