@@ -10,7 +10,8 @@
 #                                      # PY_MINUTES); GPU 1 the same on shakespeare (SH_MINUTES),
 #                                      # then one 300 s pysource baseline trial; all start warm
 #   bash bench/gpu_lease.sh warm2      # issue 11's overlap: one 50 s pysource baseline per GPU, cold
-#                                      # (GPUS="0": GPU 0 only, for the one-GPU kind)
+#                                      # (GPUS="0": GPU 0 only, for the one-GPU kind; NOISE=2: a
+#                                      # second, warm run, whose fuller cache the loop keeps)
 #   bash bench/gpu_lease.sh overlap    # background, side by side on pysource at 60 s budgets for
 #                                      # MINUTES: GPU 0 scores beside the next trial, GPU 1 alone;
 #                                      # then GPU 0 one 300 s baseline (beside), GPU 1
@@ -84,7 +85,7 @@ warm)
     ls -d $W/warm*/*/compile-cache ;;
 warm2)
     for g in ${GPUS:-0 1}; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
-        --noise-runs 1 --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
+        --noise-runs ${NOISE:-1} --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
     wait; du -sh $W/warm*/*/compile-cache $W/warm*/*/compile-cache/pycache 2>&1 ;;
 measure)
     loop_then_long yield-beside
