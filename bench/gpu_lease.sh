@@ -39,6 +39,8 @@
 #                                      # (bench/sample_stacks.py: the start-up by function); two
 #                                      # more with Dynamo's caching precompile on; then a first
 #                                      # holdout check after six steps (check_and_save --train-first)
+#   bash bench/gpu_lease.sh oninit     # after warm2, ~4 min, GPU 0: the model made on its device
+#                                      # against made on the CPU and copied (side by side)
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -145,6 +147,19 @@ import torch, torch._dynamo, torch._inductor.compile_fx, torch.export; print('$w
         --no-profile --runner-env --move-cache --copy runner --cache-from \
         $W/warm0/pysource/compile-cache --warm-runs 1 --sample > $W/sample2.log 2>&1
     grep -v '^ *$' $W/sample2.log | cut -c1-160 ;;
+oninit)   # after warm2, ~4 min, GPU 0: train.py's model made on its device against made on the CPU
+          # and copied over (as before 0e8537f), by hand in the runner's environment from warm0's
+          # cache, alternating, ROUNDS (3) warm runs each
+    python - <<'PY'
+s = open("target/train.py").read()
+new = "with torch.device(DEVICE):               # made where it trains: no init on the CPU to copy over\n    model = GPT(vocab_size, max_len)\n"
+assert new in s
+open("out/lease/train-cpu-init.py", "w").write(s.replace(new, "model = GPT(vocab_size, max_len).to(DEVICE)\n"))
+PY
+    S="python bench/startup_profile.py --data $W/data/pysource --budget 30 --no-profile \
+        --runner-env --move-cache --copy runner --cache-from $W/warm0/pysource/compile-cache --warm-runs 1"
+    for i in $(seq ${ROUNDS:-3}); do for t in target/train.py $W/train-cpu-init.py; do
+        echo "$t: $(CUDA_VISIBLE_DEVICES=0 $S --train $t 2>&1 | grep '^warm:')"; done; done ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;

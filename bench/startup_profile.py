@@ -4,7 +4,7 @@ the first step; cold and warm compile cache.
     python bench/startup_profile.py --data DIR [--budget 45] [--compile blocks|whole] \
         [--bytecode-cache] [--fresh-home] [--cuda-cache] [--runner-env] [--move-cache] \
         [--copy keep|plain|runner] [--cache-from DIR] [--keep-cache DIR] [--warm-runs N] \
-        [--no-profile] [--sample] [--env NAME=VALUE]
+        [--no-profile] [--sample] [--env NAME=VALUE] [--train FILE]
 
 Runs target/train.py by hand (no runner: the process is the candidate's, its clock is
 prepare's) with one private compile cache: cold (fills the cache), `--warm-runs` times warm,
@@ -147,6 +147,8 @@ def main() -> int:
     ap.add_argument("--sample", action="store_true",
                     help="warm runs through bench/sample_stacks.py: the start-up's parts by "
                          "function, sampled (seconds, not cProfile's shares)")
+    ap.add_argument("--train", type=Path, default=REPO / "target" / "train.py", metavar="FILE",
+                    help="run this train.py (default: target/train.py), e.g. a variant side by side")
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="run a copy of train.py with COMPILE set to MODE (blocks, whole)")
     ap.add_argument("--warm-runs", type=int, default=1, help="warm runs without cProfile")
@@ -170,7 +172,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="startup-"))
     cache = tmp / "cache"
-    train = REPO / "target" / "train.py"
+    train = args.train.resolve()
     if args.compile is not None:
         text, n = re.subn(r"^COMPILE = \S+", f"COMPILE = {args.compile!r}", train.read_text(),
                           count=1, flags=re.M)
