@@ -33,6 +33,7 @@ followed by `key: value` summary lines.
 """
 
 import contextlib
+import gc
 import math
 import os
 import resource
@@ -626,3 +627,10 @@ print("---")
 for key, value in summary.items():
     print(f"{key}: {value}")
 sys.stdout.flush()
+
+# ---- Exit ----
+# Everything is written. Python's last garbage collection at exit walks every object the
+# compiler made (0.9 s of a 1.1 s exit on 2 CPU cores, more on a GPU box), past the deadline
+# when little is left: the runner then stops the process there and its record says so. Frozen,
+# those objects are left to the process's end.
+gc.freeze()
