@@ -89,17 +89,17 @@ lint:
 # Benchmarks: every bench/*.py is a standalone script that prints its figures for
 # bench/RESULTS.md (bench/README.md: each result there with its command and machine). Most need
 # prepared data, a GPU or minutes, so `make bench` lists them with what each measures, and
-# `make bench NAME=scorer_cost ARGS='--help'` runs one.
-NAME ?=
-ARGS ?=
+# `make bench BENCH=scorer_cost BENCH_ARGS='--help'` runs one.
+BENCH ?=
+BENCH_ARGS ?=
 bench:
-ifeq ($(NAME),)
+ifeq ($(BENCH),)
 	@$(PY) -c 'import ast, pathlib; [print(p.stem.ljust(18), \
 		(ast.get_docstring(ast.parse(p.read_text())) or "-").splitlines()[0]) \
 		for p in sorted(pathlib.Path("bench").glob("*.py"))]'
-	@echo "run one: make bench NAME=<name> ARGS='--help'"
+	@echo "run one: make bench BENCH=<name> BENCH_ARGS='--help'"
 else
-	$(PY) bench/$(NAME).py $(ARGS)
+	$(PY) bench/$(BENCH).py $(BENCH_ARGS)
 endif
 
 # Caches and build leftovers only: never data/, runs/ or the virtualenv.

@@ -86,7 +86,8 @@ warm)
     wait; grep -h -A12 'where slot time went\|slot' $W/warm0/results.md | head -20
     ls -d $W/warm*/*/compile-cache ;;
 warm2)
-    for g in ${GPUS:-0 1}; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes 0.01 \
+    m=0.01; [ "${NOISE:-1}" -gt 1 ] && m=1.2     # --minutes: no run starts after it
+    for g in ${GPUS:-0 1}; do $Y --data pysource=$W/data/pysource --gpus $g --budget 50 --minutes $m \
         --noise-runs ${NOISE:-1} --same-seed-runs 0 --out $W/warm$g > $W/warm$g.log 2>&1 & done
     wait; du -sh $W/warm*/*/compile-cache $W/warm*/*/compile-cache/pycache 2>&1 ;;
 measure)

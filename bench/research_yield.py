@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--cache-from", type=Path, default=None, metavar="DIR",
                     help="start the run on this compile cache (a compile-cache folder --out kept)")
     args = ap.parse_args()
-    if not args.data:                  # `make bench` runs every script without arguments
+    if not args.data:                  # run bare: say what it needs
         print("research_yield: skipped: give --data NAME=DIR (a prepared data set) and --gpus")
         return
     gpus: list[str | None] = ([None] if args.gpus in ("cpu", "none") else

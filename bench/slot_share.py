@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("run", type=Path, nargs="?", help="a run folder (runs/<tag>) or its experiments.jsonl")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
-    if args.run is None:             # `make bench` runs every script without arguments
+    if args.run is None:             # run bare: say what it needs
         print("slot_share: skipped: give a run folder (runs/<tag>)")
         return
     rows = trials(load(args.run))

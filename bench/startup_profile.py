@@ -15,7 +15,7 @@ end of the first step (`startup_seconds`); then its steps, MFU and Dynamo's reco
 stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for shares, not
 seconds). `--runner-env` launches it as the process backend launches a trial (its scrubbed
 environment, limits and launcher; a fresh home; the driver's JIT cache and, for a torch without
-bytecode, the bytecode in the cache), and `--move-cache` gives each run a copy of the cache at a
+bytecode, the bytecode in the cache; GPU 0 unless CUDA_VISIBLE_DEVICES says otherwise), and `--move-cache` gives each run a copy of the cache at a
 new path, as each trial gets: together, a trial without the runner around it. `--copy` says
 how that copy is made: `keep` (file times and modes kept), `plain` (contents only) or `runner`
 (the runner's own bounded copy); after each run the cache's files per folder are listed.

@@ -630,7 +630,7 @@ sys.stdout.flush()
 
 # ---- Exit ----
 # Everything is written. Python's last garbage collection at exit walks every object the
-# compiler made (0.9 s of a 1.1 s exit on 2 CPU cores, more on a GPU box), past the deadline
-# when little is left: the runner then stops the process there and its record says so. Frozen,
-# those objects are left to the process's end.
+# compiler made (0.9 s on 2 CPU cores), and the exit can run past the deadline when little is
+# left: the runner then stops the process there, and its record says so. Frozen, those objects
+# are left to the process's end.
 gc.freeze()

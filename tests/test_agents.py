@@ -562,21 +562,25 @@ def test_search_skips_directions_the_noise_rule_found_flat():
             "description": "search: MATRIX_LR 0.02 -> 0.028", "effect": "flat"}
     kept = {"number": 5, "status": "keep", "val_bpb": 1.4, "delta": -0.1,
             "description": "an LLM idea elsewhere in the file"}
+    # Seeds: the agent's draw depends on train.py's text too, and MATRIX_LR down is one move in
+    # ~40 (14 of 600 seeds with one text): 600 seeds miss it with odds of about 1e-6.
     up = down = 0
-    for seed in range(150):
+    for seed in range(600):
         p = SearchAgent(seed=seed, big_step_prob=0.5)(PROGRAM, TRAIN_PY,
                                                       History(recent=[flat, kept]))
         (name, (old, new)), = changed(TRAIN_PY, p.train_py).items()
         up += name == "MATRIX_LR" and new > old
         down += name == "MATRIX_LR" and new < old
-    assert up == 0 and down > 0
+    assert up == 0 and down > 0, (up, down)
     plain = {**flat, "effect": None}
     ups = 0
-    for seed in range(150):
+    for seed in range(600):
         p = SearchAgent(seed=seed, big_step_prob=0.5)(PROGRAM, TRAIN_PY,
                                                       History(recent=[plain, kept]))
         (name, (old, new)), = changed(TRAIN_PY, p.train_py).items()
         ups += name == "MATRIX_LR" and new > old
+        if ups:
+            break
     assert ups > 0
     # When only flat directions are left, they are proposed after all.
     agent = SearchAgent(seed=0)

@@ -513,12 +513,17 @@ def test_process_trial_keeps_bytecode_only_for_an_installation_without_it(
 PYC_PLANT = r"""
 import importlib.util, importlib._bootstrap_external as bootstrap
 source_path = json.__file__                     # the stdlib's json: train.py and the scorer import it
-hook = ("\nimport os as _os, sys as _sys\n"
-        "with open(_os.path.join(__MARKS__, str(_os.getpid())), 'w') as _f:\n"
-        "    _f.write(' '.join(_sys.argv))\n")
+hook = ("\nimport os as _os, sys as _sys, time as _time\n"   # one mark per load, never a crash
+        "try:\n"
+        "    with open(_os.path.join(__MARKS__, f'{_os.getpid()}-{_time.time_ns()}'), 'x') as _f:\n"
+        "        _f.write(_sys.argv[0] if _sys.argv else '?')\n"
+        "except OSError:\n"
+        "    pass\n")
 code = compile(open(source_path).read() + hook, source_path, "exec")
 st = os.stat(source_path)                       # the header a reader checks: it validates
 planted = importlib.util.cache_from_source(source_path)     # under PYTHONPYCACHEPREFIX
+if not (sys.pycache_prefix and os.path.abspath(planted).startswith(ROOT + os.sep)):
+    sys.exit(f"no pycache prefix in the cache: {planted} would land outside it")  # not the stdlib's
 os.makedirs(os.path.dirname(planted), exist_ok=True)
 with open(planted, "wb") as f:
     f.write(bootstrap._code_to_timestamp_pyc(code, st.st_mtime, st.st_size))
@@ -558,7 +563,7 @@ def test_bytecode_planted_in_the_cache_reaches_no_scorer_and_no_unkept_line(
                          tmp_path / "t1", tmp_path / "t3", **room), "process")
     assert rec["status"] == "ok" and rec["val_bpb"] > 0, rec
     loaders = [m.read_text() for m in marks.iterdir()]
-    assert loaders and all(argv.split()[0].endswith("train.py") for argv in loaders), loaders
+    assert loaders and all(argv0.endswith("train.py") for argv0 in loaders), loaders
 
 
 def _package(root: Path, name: str, modules: int, with_bytecode: int, tag: str = "") -> Path:
