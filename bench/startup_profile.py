@@ -15,8 +15,9 @@ end of the first step (`startup_seconds`); then its steps, MFU and Dynamo's reco
 stdout (cProfile slows Python-heavy parts such as Dynamo's tracing: read it for shares, not
 seconds). `--runner-env` launches it as the process backend launches a trial (its scrubbed
 environment, limits and launcher; a fresh home; the driver's JIT cache and, for a torch without
-bytecode, the bytecode in the cache; GPU 0 unless CUDA_VISIBLE_DEVICES says otherwise), and `--move-cache` gives each run a copy of the cache at a
-new path, as each trial gets: together, a trial without the runner around it. `--copy` says
+bytecode, the bytecode in the cache; GPU 0 unless CUDA_VISIBLE_DEVICES says otherwise), and
+`--move-cache` gives each run a copy of the cache at a new path, as each trial gets: together,
+a trial without the runner around it. `--copy` says
 how that copy is made: `keep` (file times and modes kept), `plain` (contents only) or `runner`
 (the runner's own bounded copy); after each run the cache's files per folder are listed.
 `--cache-from DIR` starts warm from a copy of DIR (no cold run). Needs a GPU to say anything
@@ -42,6 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from runner.sandbox import cache as compile_cache  # noqa: E402  (the folders a trial gets)
 from runner.sandbox import process_backend  # noqa: E402  (how it launches a trial)
+from runner.sandbox.output import parse_summary  # noqa: E402  (train.py's summary, as the runner reads it)
 import slot_share  # noqa: E402  (bench/, this script's folder: the start-up's parts, one parser)
 
 
@@ -70,12 +72,6 @@ def launch_as_trial(cmd: list[str], cwd: Path, env: dict[str, str],
         return subprocess.CompletedProcess(cmd, proc.returncode,
                                            out_f.read().decode(errors="replace"),
                                            err_f.read().decode(errors="replace"))
-
-
-def summary_of(out: str) -> dict[str, str]:
-    """train.py's closing summary (the lines after its last `---`)."""
-    return dict(line.split(": ", 1) for line in out.split("\n---\n")[-1].splitlines()
-                if ": " in line)
 
 
 def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
@@ -110,7 +106,7 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
     out = done.stdout
     if sample and "\n== setup" in done.stderr:     # bench/sample_stacks.py's report
         print(done.stderr[done.stderr.index("\n== setup"):], flush=True)
-    summary = summary_of(out)
+    summary = parse_summary(out)
     first = float(summary.get("startup_seconds", "nan"))
     fallback = next((line for line in out.splitlines() if line.startswith("fallback saved")), "")
     parts = slot_share.startup_parts({"budget": budget, "log_tail": out},

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from runner.sandbox import cache  # noqa: E402
+from runner.sandbox.output import parse_summary  # noqa: E402
 import slot_share  # noqa: E402
 import startup_profile  # noqa: E402  (a trial's environment and launch, as the backend makes them)
 
@@ -37,7 +38,7 @@ def run(root: Path, data: Path, cache_dir: Path, home: Path, budget: int, sample
     cmd = [sys.executable, "-u"] + ([str(REPO / "bench" / "sample_stacks.py")] if sample else []) \
         + ["train.py"]
     done = startup_profile.launch_as_trial(cmd, work, env, budget + 200)
-    summary = startup_profile.summary_of(done.stdout)
+    summary = parse_summary(done.stdout)
     first = float(summary.get("startup_seconds", "nan"))
     parts = slot_share.startup_parts({"budget": budget, "log_tail": done.stdout}, first)
     fmt = lambda v: "?" if v is None else f"{v:.1f}"              # noqa: E731
