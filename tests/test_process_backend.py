@@ -7,11 +7,14 @@ pid, found by a unique marker) if they survive."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
 import textwrap
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -358,3 +361,103 @@ def test_model_half_written_in_place_at_the_deadline_is_not_scored(small_data, s
     assert outcome.stopped_at_deadline
     assert outcome.status == "invalid" and outcome.val_bpb is None
     assert outcome.score["status"] == "invalid"
+
+
+# ---- the trial's folder: one path from trial to trial ----
+# cuDNN writes the working directory into the attention kernels it generates, so a new path in
+# every trial missed the CUDA driver's cache and compiled them again (~2 s on an H200). Trials
+# now take the lowest free folder of a per-user pool; these show the path is reused, never
+# shared, fresh each time, and that a pool folder that is not safely this user's is not used.
+
+SHOW_FOLDER = """
+    import json, os, sys, time
+    here = os.getcwd()
+    print("FOLDER " + json.dumps({{"cwd": here, "found": sorted(os.listdir(here))}}), flush=True)
+    with open("left-behind", "w") as f:
+        f.write("for the next trial to find, if its folder were not fresh")
+    meet = {meet!r}                       # wait (at most 8 s) until this many trials have begun
+    if meet:
+        with open({board!r}, "a") as f:
+            f.write(here + "\\n")
+        end = time.time() + 8
+        while len(open({board!r}).read().split()) < meet and time.time() < end:
+            time.sleep(0.05)
+"""
+
+
+def shown_folder(tmp_path: Path, name: str, meet: int = 0) -> Path:
+    board = tmp_path / f"{name}-board"
+    return candidate_named(tmp_path, name, SHOW_FOLDER.format(meet=meet, board=str(board)))
+
+
+def candidate_named(tmp_path: Path, name: str, source: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    return candidate(folder, source)
+
+
+def seen(outcome) -> dict:
+    lines = [line for line in outcome.log_tail.splitlines() if line.startswith("FOLDER ")]
+    assert len(lines) == 1, outcome.log_tail[-2000:]
+    return json.loads(lines[0][len("FOLDER "):])
+
+
+def pool_of(scratch: Path) -> Path:
+    return scratch / f"autoresearch-trials-{os.getuid()}"
+
+
+def test_trials_reuse_one_fresh_folder_path_and_trials_at_once_get_their_own(
+        small_data, scratch, tmp_path):
+    show = shown_folder(tmp_path, "show")
+    first, second = (seen(trial(show, small_data)[0]) for _ in range(2))
+    assert first["cwd"] == second["cwd"] == str(pool_of(scratch) / "0" / "work")
+    assert "left-behind" not in second["found"]          # the same path, a fresh folder
+    both = shown_folder(tmp_path, "both", meet=2)
+    with ThreadPoolExecutor(2) as run_two:
+        a, b = run_two.map(lambda _: seen(trial(both, small_data)[0]), range(2))
+    assert len((tmp_path / "both-board").read_text().split()) == 2      # they did run at once
+    assert {a["cwd"], b["cwd"]} == {str(pool_of(scratch) / n / "work") for n in ("0", "1")}
+    assert "left-behind" not in a["found"] + b["found"]
+
+
+def test_what_a_killed_runner_left_in_the_pool_is_cleared_and_a_planted_link_not_followed(
+        small_data, scratch, tmp_path):
+    pool = pool_of(scratch)
+    (pool / "0" / "work").mkdir(parents=True)
+    pool.chmod(0o700)
+    (pool / "0" / "work" / "planted").write_text("left by a trial whose runner was killed")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("not the pool's to remove")
+    (pool / "1").symlink_to(victim)
+    assert seen(trial(shown_folder(tmp_path, "a"), small_data)[0]) == {
+        "cwd": str(pool / "0" / "work"), "found": ["data", "home", "out", "prepare.py", "tmp", "train.py"]}
+    held = os.open(pool / "0.lock", os.O_RDWR | os.O_CREAT)   # as a trial running there would
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        shown = seen(trial(shown_folder(tmp_path, "b"), small_data)[0])
+    finally:
+        os.close(held)
+    assert shown["cwd"] == str(pool / "1" / "work")      # the link was removed, not followed
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+    assert not (pool / "1").exists()
+
+
+def test_a_pool_folder_that_is_not_safely_this_users_is_not_used(small_data, scratch, tmp_path):
+    pool = pool_of(scratch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    cases = {"open to others": lambda: (pool.mkdir(), pool.chmod(0o755)),
+             "a link to a folder of this user's": lambda: pool.symlink_to(elsewhere)}
+    if os.getuid() == 0:                  # as root, a folder of another user's can be made
+        cases["another user's"] = lambda: (pool.mkdir(mode=0o700), os.chown(pool, 4242, 4242))
+    for name, make in cases.items():
+        make()
+        cwd = Path(seen(trial(shown_folder(tmp_path, name.replace(" ", "-")), small_data)[0])["cwd"])
+        assert cwd.parent.parent == scratch and cwd.parent.name.startswith("autoresearch-"), name
+        assert not cwd.parent.exists()                   # a random folder, removed as always
+        assert list(elsewhere.iterdir()) == [], name
+        if pool.is_symlink():
+            pool.unlink()
+        else:
+            pool.rmdir()

@@ -3,7 +3,8 @@
 For machines without a container engine (a bare GPU box). One trial runs the same phases as the
 docker backend and returns the same ``Outcome``:
 
-- **build**: a private work folder (mode 0700, removed on every path out of ``run``) holding
+- **build**: a private work folder (mode 0700, removed on every path out of ``run``; at the same
+  path from trial to trial where it can be, see `trial_root`) holding
   ``train.py`` and ``prepare.py`` side by side (so ``import prepare`` works as in the container's
   ``/app``), ``data/`` with symlinks to only the *training* part of the data set (never ``val/``),
   an empty ``out/``, ``home/`` and ``tmp/``, and, when the spec has a compile cache, ``cache/``:
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -462,6 +464,77 @@ def score(spec: TrialSpec, model: Path, folder: Path, outcome: Outcome, procs: l
     apply_score(outcome, exit_code_of(returncode), stdout, stderr)
 
 
+# ---- the trial's folder ----------------------------------------------------------------------
+
+POOL_SIZE = 64                          # trials of one user at once that get a reused path
+
+
+def pool_dir() -> Path | None:
+    """`<temp dir>/autoresearch-trials-<uid>`, made if missing; None unless it is a real folder
+    (not a link) of this user's that nobody else may enter (another user could otherwise
+    make it first and watch or swap what a trial writes there)."""
+    base = Path(tempfile.gettempdir()) / f"autoresearch-trials-{os.getuid()}"
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(base)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return base
+
+
+def trial_root(marker: str) -> tuple[Path, int | None]:
+    """The trial's private folder (mode 0700, empty) and the lock that holds it (None: not
+    pooled). Its path is the same from trial to trial where it can be: libraries that compile
+    GPU code at run time write the working directory into that code (cuDNN's generated
+    attention kernels do), so the CUDA driver's cache, keyed by the code, finds nothing a trial
+    with another path left and compiles it again: ~2 s of every trial's start-up on an H200
+    (bench/RESULTS.md). The docker backend's working directory is always /out.
+
+    So: `<pool>/<n>` for the lowest n whose lock (`<pool>/<n>.lock`, flock) is free; trials at
+    once (other GPUs, another runner of this user's) take other numbers, so a run sees a few
+    paths, each compiled for once. What a killed runner left there is removed first. Without a
+    safe pool (`pool_dir`) or a free number: a fresh random folder, as a trial always had."""
+    base = pool_dir()
+    for n in range(POOL_SIZE if base is not None else 0):
+        assert base is not None                   # for the type checker: no pool, no numbers
+        lock = base / f"{n}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            root = base / str(n)
+            remove_tree(root)                     # a runner killed mid-trial left it
+            os.mkdir(root, 0o700)
+            return root, fd
+        except OSError:                           # held by a trial, or not removable: the next
+            os.close(fd)
+    return Path(tempfile.mkdtemp(prefix=f"autoresearch-{marker[:8]}-")), None   # mode 0700
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` whatever it is: a link is unlinked, never followed."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def release_root(root: Path, lock: int | None) -> None:
+    """Remove the trial's folder, then let another trial take its path."""
+    remove_tree(root)
+    if lock is not None:
+        os.close(lock)                            # the flock goes with the last descriptor
+
+
 def uses_cache(spec: TrialSpec) -> bool:
     return spec.cache_from is not None or spec.cache_to is not None
 
@@ -480,7 +553,7 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
     outcome = Outcome(status="crash", backend="process", image_tag=None, phases=phases)
     marker = uuid.uuid4().hex
     procs: list[subprocess.Popen] = []
-    root = Path(tempfile.mkdtemp(prefix=f"autoresearch-{marker[:8]}-"))   # mode 0700
+    root, lock = trial_root(marker)
     try:
         # ---- build ----
         t0 = time.perf_counter()
@@ -555,7 +628,7 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     log(f"warning: process {proc.pid} did not die")
-        shutil.rmtree(root, ignore_errors=True)
+        release_root(root, lock)
         phases["cleanup"] = time.perf_counter() - t4
 
 
