@@ -19,10 +19,11 @@ import argparse
 import atexit
 import collections
 import os
-import runpy
 import sys
 import threading
 import time
+
+import soft_exit  # bench/, this script's folder
 
 PHASES = ("setup", "fallback", "fallback's check", "first step")
 
@@ -102,7 +103,8 @@ def main() -> int:
                     files[f"{name} {where(str(f.f_locals.get('path', '?')), name)}"] += dt
                     break
             names = [n for n in (short(f.f_code) for f in stack)   # not the frames of every sample
-                     if "runpy" not in n and "sample_stacks" not in n and n != "train.py:<module>"]
+                     if "runpy" not in n and "sample_stacks" not in n and "soft_exit" not in n
+                     and n != "train.py:<module>"]
             for name in set(names):
                 inside[phase][name] += dt
             if names:
@@ -126,9 +128,7 @@ def main() -> int:
 
     atexit.register(report)
     threading.Thread(target=sample, daemon=True).start()
-    sys.argv = [script] + rest
-    sys.path.insert(0, os.path.dirname(script))
-    runpy.run_path(script, run_name="__main__")
+    soft_exit.run(script, rest)                 # train.py's os._exit would skip the report
     return 0
 
 

@@ -92,8 +92,9 @@ def run(data: Path, cache: Path, budget: int, profile: Path | None = None,
                 "AUTORESEARCH_TIME_BUDGET": str(budget),
                 "AUTORESEARCH_OUT": str(cache.parent / "out")})
     (cache.parent / "out").mkdir(exist_ok=True)
+    wrapper = "sample_stacks.py" if sample else "soft_exit.py" if profile else None   # reports at exit
     cmd = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + \
-        ([str(REPO / "bench" / "sample_stacks.py")] if sample else []) + [str(train)]
+        ([str(REPO / "bench" / wrapper)] if wrapper else []) + [str(train)]
     env["AUTORESEARCH_DEADLINE"] = f"{time.time() + budget:.3f}"   # the clock starts here
     env["TORCH_LOGS"] = "recompiles"
     env.update(extra_env or {})
