@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO
 from runner.sandbox import InfrastructureError, Limits, TrialSpec, process_backend
+from runner.sandbox.base import Lane
 
 TRAIN_PY = REPO / "target" / "train.py"
 
@@ -410,35 +411,68 @@ def test_trials_reuse_one_fresh_folder_path_and_trials_at_once_get_their_own(
         small_data, scratch, tmp_path):
     show = shown_folder(tmp_path, "show")
     first, second = (seen(trial(show, small_data)[0]) for _ in range(2))
-    assert first["cwd"] == second["cwd"] == str(pool_of(scratch) / "0" / "work")
+    assert first["cwd"] == second["cwd"] == str(pool_of(scratch) / "0")
     assert "left-behind" not in second["found"]          # the same path, a fresh folder
     both = shown_folder(tmp_path, "both", meet=2)
     with ThreadPoolExecutor(2) as run_two:
         a, b = run_two.map(lambda _: seen(trial(both, small_data)[0]), range(2))
     assert len((tmp_path / "both-board").read_text().split()) == 2      # they did run at once
-    assert {a["cwd"], b["cwd"]} == {str(pool_of(scratch) / n / "work") for n in ("0", "1")}
+    assert {a["cwd"], b["cwd"]} == {str(pool_of(scratch) / n) for n in ("0", "1")}
     assert "left-behind" not in a["found"] + b["found"]
+
+
+def test_the_next_trial_trains_at_the_same_path_while_this_one_is_scored(
+        small_data, scratch, tmp_path):
+    # The loop starts a slot's next trial at `trained()`, while this one is scored: by then the
+    # path is free, this trial's folder moved out of the way with everything in it.
+    nested: list = []
+
+    class Next(Lane):
+        shared = True
+
+        def trained(self) -> None:       # this trial is over and not yet scored: the next one
+            nested.append(seen(trial(shown_folder(tmp_path, "next"), small_data)[0]))
+
+    source = SHOW_FOLDER.format(meet=0, board="") + """
+    import torch, prepare
+    class Zeros(torch.nn.Module):
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, prepare.load_meta()["vocab_size"])
+    program = torch.export.export(Zeros(), (torch.zeros(2, 16, dtype=torch.long),), dynamic_shapes=(
+        {0: torch.export.Dim("b", max=1024), 1: torch.export.Dim("t", min=2, max=1024)},))
+    prepare.save_model(program, os.path.join(os.environ["AUTORESEARCH_OUT"], "model.pt2"))
+"""
+    spec = TrialSpec(train_py=candidate_named(tmp_path, "first", source), data_dir=small_data,
+                     budget=20, eval_tokens=4096, limits=Limits())
+    lines: list[str] = []
+    first = process_backend.run(spec, lines.append, Next())
+    assert [n["cwd"] for n in nested] == [seen(first)["cwd"]] == [str(pool_of(scratch) / "0")]
+    assert first.status == "ok", (first.reason, first.log_tail[-2000:])   # scored from where
+    assert first.val_bpb == pytest.approx(first.score["uniform_bpb"])   # its folder went
 
 
 def test_what_a_killed_runner_left_in_the_pool_is_cleared_and_a_planted_link_not_followed(
         small_data, scratch, tmp_path):
     pool = pool_of(scratch)
-    (pool / "0" / "work").mkdir(parents=True)
+    (pool / "0").mkdir(parents=True)
     pool.chmod(0o700)
-    (pool / "0" / "work" / "planted").write_text("left by a trial whose runner was killed")
+    (pool / "0" / "planted").write_text("left by a trial whose runner was killed")
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep").write_text("not the pool's to remove")
     (pool / "1").symlink_to(victim)
+    (pool / "0.lock").touch()
+    os.utime(pool / "0.lock", (0, 0))    # as old as can be: a temp cleaner's first pick
     assert seen(trial(shown_folder(tmp_path, "a"), small_data)[0]) == {
-        "cwd": str(pool / "0" / "work"), "found": ["data", "home", "out", "prepare.py", "tmp", "train.py"]}
+        "cwd": str(pool / "0"), "found": ["data", "home", "out", "prepare.py", "tmp", "train.py"]}
+    assert (pool / "0.lock").stat().st_mtime > time.time() - 600   # touched when taken
     held = os.open(pool / "0.lock", os.O_RDWR | os.O_CREAT)   # as a trial running there would
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         shown = seen(trial(shown_folder(tmp_path, "b"), small_data)[0])
     finally:
         os.close(held)
-    assert shown["cwd"] == str(pool / "1" / "work")      # the link was removed, not followed
+    assert shown["cwd"] == str(pool / "1")      # the link was removed, not followed
     assert sorted(p.name for p in victim.iterdir()) == ["keep"]
     assert not (pool / "1").exists()
 
@@ -461,3 +495,30 @@ def test_a_pool_folder_that_is_not_safely_this_users_is_not_used(small_data, scr
             pool.unlink()
         else:
             pool.rmdir()
+
+
+def test_a_process_a_trial_left_running_keeps_its_path_from_later_trials(
+        small_data, scratch, tmp_path):
+    # A process of the candidate's that outlives its trial (here one that escaped the runner's
+    # kill; an honest one whose runner was killed is the same) could write into a later trial's
+    # folder at the same path: it holds the path's lock, inherited, as long as it lives.
+    marker = f"ar-marker-{uuid.uuid4().hex}"
+    source = SHOW_FOLDER.format(meet=0, board="") + f"""
+    if os.fork() == 0:                   # out of the session, no marker: the runner misses it
+        os.setsid()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.execve(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)",
+                                   "{marker}"], {{}})
+    """
+    pool = pool_of(scratch)
+    try:
+        first = seen(trial(candidate_named(tmp_path, "leaves", source), small_data)[0])
+        assert with_marker(marker), "nothing escaped: this tests nothing"
+        after = seen(trial(shown_folder(tmp_path, "after"), small_data)[0])
+        assert (first["cwd"], after["cwd"]) == (str(pool / "0"), str(pool / "1"))
+    finally:
+        reap(marker)
+    assert survivors(marker) == []
+    assert seen(trial(shown_folder(tmp_path, "later"), small_data)[0])["cwd"] == str(pool / "0")

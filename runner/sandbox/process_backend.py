@@ -4,7 +4,7 @@ For machines without a container engine (a bare GPU box). One trial runs the sam
 docker backend and returns the same ``Outcome``:
 
 - **build**: a private work folder (mode 0700, removed on every path out of ``run``; at the same
-  path from trial to trial where it can be, see `trial_root`) holding
+  path from trial to trial where it can be, see `work_folder`) holding
   ``train.py`` and ``prepare.py`` side by side (so ``import prepare`` works as in the container's
   ``/app``), ``data/`` with symlinks to only the *training* part of the data set (never ``val/``),
   an empty ``out/``, ``home/`` and ``tmp/``, and, when the spec has a compile cache, ``cache/``:
@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from runner.gpu import Sampler
@@ -253,12 +254,13 @@ def build_env(folder: Path, gpu: str | None) -> dict[str, str]:
 
 
 def launch(argv: list[str], cwd: Path, env: dict[str, str], rlimits: dict[str, int],
-           stdout, stderr) -> subprocess.Popen:
-    """Start `argv` in its own session (and so its own process group) under `rlimits`."""
+           stdout, stderr, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start `argv` in its own session (and so its own process group) under `rlimits`, with no
+    descriptor of the runner's but `pass_fds`."""
     return subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(rlimits), *argv],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        start_new_session=True, close_fds=True)
+        start_new_session=True, close_fds=True, pass_fds=pass_fds)
 
 
 def rlimits_for(memory_bytes: int, gpu: str | None, out_bytes: int) -> dict[str, int]:
@@ -315,8 +317,10 @@ def installed_bytecode() -> bool:
 
 # ---- the phases -----------------------------------------------------------------------------
 
-def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: list) -> str:
-    """Run train.py to its end or the cap; fills the outcome's train fields; returns the log."""
+def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: list,
+          lock: int | None = None) -> str:
+    """Run train.py to its end or the cap; fills the outcome's train fields; returns the log.
+    `lock` (its folder's, `work_folder`) is inherited by the candidate."""
     lim = spec.fixed_limits
     env = build_env(work, spec.gpu)
     env.update({"AUTORESEARCH_SEED": str(spec.seed),
@@ -332,7 +336,8 @@ def train(spec: TrialSpec, work: Path, marker: str, outcome: Outcome, procs: lis
     read_fd, write_fd = os.pipe()
     try:
         proc = launch([sys.executable, "-u", "train.py"], work, env,
-                      rlimits_for(lim.memory_bytes, spec.gpu, lim.out_bytes), write_fd, write_fd)
+                      rlimits_for(lim.memory_bytes, spec.gpu, lim.out_bytes), write_fd, write_fd,
+                      () if lock is None else (lock,))
     except BaseException:
         os.close(read_fd)
         raise
@@ -489,50 +494,93 @@ def pool_dir() -> Path | None:
     return base
 
 
-def trial_root(marker: str) -> tuple[Path, int | None]:
-    """The trial's private folder (mode 0700, empty) and the lock that holds it (None: not
-    pooled). Its path is the same from trial to trial where it can be: libraries that compile
-    GPU code at run time write the working directory into that code (cuDNN's generated
-    attention kernels do), so the CUDA driver's cache, keyed by the code, finds nothing a trial
-    with another path left and compiles it again: ~2 s of every trial's start-up on an H200
-    (bench/RESULTS.md). The docker backend's working directory is always /out.
+@dataclass
+class WorkFolder:
+    """Where train.py runs, and the flock'd descriptor that holds its pooled path (None: not
+    pooled, or given back)."""
 
-    So: `<pool>/<n>` for the lowest n whose lock (`<pool>/<n>.lock`, flock) is free; trials at
-    once (other GPUs, another runner of this user's) take other numbers, so a run sees a few
-    paths, each compiled for once. What a killed runner left there is removed first. Without a
-    safe pool (`pool_dir`) or a free number: a fresh random folder, as a trial always had."""
+    path: Path
+    lock: int | None = None
+
+
+def work_folder(root: Path) -> WorkFolder:
+    """The folder train.py runs in (mode 0700, empty). Its path is the same from trial to trial
+    where it can be: libraries that compile GPU code at run time write the working directory
+    into that code (cuDNN's generated attention kernels do), so the CUDA driver's cache, keyed
+    by the code, finds nothing a trial at another path left and compiles it again: ~2 s of a
+    trial's start-up on an H200 (bench/RESULTS.md). The docker backend's is always /out.
+
+    So: `<pool>/<n>` for the lowest n whose lock (`<pool>/<n>.lock`, flock) is free. The
+    candidate inherits the lock, so the path stays taken while any process of its trial lives
+    (one left running by a runner that was killed cannot write into a later trial's folder).
+    A trial gives the path back as soon as it has trained (`vacate`), so the next trial on its
+    GPU, started while this one is scored, trains at the same path; trials training at once
+    (other GPUs, another runner of this user's) take other numbers, each compiled for once.
+    What a killed runner left there is removed first. Without a safe pool (`pool_dir`) or a
+    free number: `root/work`, as random as the trial's own folder."""
     base = pool_dir()
     for n in range(POOL_SIZE if base is not None else 0):
         assert base is not None                   # for the type checker: no pool, no numbers
-        lock = base / f"{n}.lock"
+        lock_path = base / f"{n}.lock"
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            root = base / str(n)
-            remove_tree(root)                     # a runner killed mid-trial left it
-            os.mkdir(root, 0o700)
-            return root, fd
+            held, named = os.fstat(fd), os.lstat(lock_path)
+            if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+                raise OSError("the lock file was replaced")   # a temp cleaner removed it
+            os.utime(fd)                          # in use: not for a cleaner by age
+            work = base / str(n)
+            remove_tree(work)                     # a runner killed mid-trial left it
+            os.mkdir(work, 0o700)
+            return WorkFolder(work, fd)
         except OSError:                           # held by a trial, or not removable: the next
             os.close(fd)
-    return Path(tempfile.mkdtemp(prefix=f"autoresearch-{marker[:8]}-")), None   # mode 0700
+    (root / "work").mkdir(mode=0o700)
+    return WorkFolder(root / "work")
+
+
+def vacate(folder: WorkFolder, root: Path) -> None:
+    """After training (the candidate's processes are dead): move its folder out of the pooled
+    path into the trial's own `root` (a rename: instant) and give the path back. Where the move
+    fails the path is kept to the end, as before. Ordered so that an interrupt at any point
+    leaves `folder` right for `release`."""
+    if folder.lock is None:
+        return
+    try:
+        os.rename(folder.path, root / "work")
+    except OSError:
+        return
+    folder.path = root / "work"
+    lock, folder.lock = folder.lock, None
+    os.close(lock)                                # the flock goes with the last descriptor
 
 
 def remove_tree(path: Path) -> None:
-    """Remove `path` whatever it is: a link is unlinked, never followed."""
+    """Remove `path` whatever it is: a link is unlinked, never followed; a folder left without
+    write or search permission (a candidate's chmod) is given them back to be removed."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    for top, dirs, _ in os.walk(path):            # never follows links
+        for sub in [top] + [os.path.join(top, d) for d in dirs]:
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(sub).st_mode):
+                    os.chmod(sub, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def release_root(root: Path, lock: int | None) -> None:
-    """Remove the trial's folder, then let another trial take its path."""
-    remove_tree(root)
+def release(folder: WorkFolder) -> None:
+    """Remove the trial's work folder, then let another trial take its path."""
+    remove_tree(folder.path)
+    lock, folder.lock = folder.lock, None
     if lock is not None:
-        os.close(lock)                            # the flock goes with the last descriptor
+        os.close(lock)
 
 
 def uses_cache(spec: TrialSpec) -> bool:
@@ -553,12 +601,14 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
     outcome = Outcome(status="crash", backend="process", image_tag=None, phases=phases)
     marker = uuid.uuid4().hex
     procs: list[subprocess.Popen] = []
-    root, lock = trial_root(marker)
+    root = Path(tempfile.mkdtemp(prefix=f"autoresearch-{marker[:8]}-"))   # mode 0700
+    folder: WorkFolder | None = None
     try:
         # ---- build ----
         t0 = time.perf_counter()
-        work = root / "work"
-        (work / "data").mkdir(parents=True)
+        folder = work_folder(root)
+        work = folder.path
+        (work / "data").mkdir()
         (work / "out").mkdir()
         shutil.copyfile(spec.train_py, work / "train.py")
         shutil.copyfile(PREPARE_PY, work / "prepare.py")
@@ -567,10 +617,11 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
         phases["build"] = time.perf_counter() - t0
         if uses_cache(spec):                      # a private copy of the run's compile cache
             t = time.perf_counter()
+            given = work / "cache"
             outcome.compile_cache = cache.hand_out(
-                spec.cache_from, lambda src, b, f: cache.copy_tree(src, work / "cache", b, f),
+                spec.cache_from, lambda src, b, f: cache.copy_tree(src, given, b, f),
                 lim.cache_bytes, lim.cache_files)
-            (work / "cache").mkdir(exist_ok=True)
+            given.mkdir(exist_ok=True)
             phases["cache_in"] = time.perf_counter() - t
 
         # ---- train (untrusted, and NOT isolated) ----
@@ -579,11 +630,13 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
             "stops its process group, and a process that leaves the group escapes it")
         gpu_sampler = Sampler(spec.gpu).start()           # NVML; a no-op without a GPU
         try:
-            train(spec, work, marker, outcome, procs)
+            train(spec, work, marker, outcome, procs, folder.lock)
         finally:
             gpu_sampler.stop()
             outcome.gpu = gpu_sampler.summary()
             phases["train"] = time.perf_counter() - t1
+        vacate(folder, root)                      # the next trial may train at its path
+        work = folder.path
         lane.trained()                            # its processes are dead: the slot is free
         if lane.shared:
             outcome.slot_seconds = time.perf_counter() - t0
@@ -628,7 +681,9 @@ def run(spec: TrialSpec, log: Log, lane: Lane = ALONE) -> Outcome:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     log(f"warning: process {proc.pid} did not die")
-        release_root(root, lock)
+        if folder is not None:
+            release(folder)
+        remove_tree(root)
         phases["cleanup"] = time.perf_counter() - t4
 
 
