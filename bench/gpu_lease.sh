@@ -41,6 +41,14 @@
 #                                      # holdout check after six steps (check_and_save --train-first)
 #   bash bench/gpu_lease.sh oninit     # after warm2, ~4 min, GPU 0: the model made on its device
 #                                      # against made on the CPU and copied (side by side)
+#   bash bench/gpu_lease.sh chain      # background, after warm2: GPU 0 the 60 s loop scored beside
+#                                      # for MINUTES (3.5) from CACHE (warm0's cache), NOISE (3)
+#                                      # noise runs, to out/lease/NAME (yield-chain), while the
+#                                      # run's cache's file list is kept each time it changes
+#                                      # (out/lease/NAME-lists/: what each trial adds)
+#   bash bench/gpu_lease.sh chainreport # after chain (NAME): slot shares, each trial's exit (the
+#                                      # seconds from its summary to its process's end), its
+#                                      # fallback line, and the driver's cache files after each
 #   bash bench/gpu_lease.sh wait SECS  # progress until the background work ends or SECS pass
 #   bash bench/gpu_lease.sh collect    # results, ledgers and logs to $OUT
 #
@@ -161,6 +169,34 @@ PY
         --runner-env --move-cache --copy runner --cache-from $W/warm0/pysource/compile-cache --warm-runs 1"
     for i in $(seq ${ROUNDS:-3}); do for t in target/train.py $W/train-cpu-init.py; do
         echo "$t: $(CUDA_VISIBLE_DEVICES=0 $S --train $t 2>&1 | grep '^warm:')"; done; done ;;
+chain)
+    N=${NAME:-yield-chain}
+    setsid nohup $Y --data pysource=$W/data/pysource --gpus 0 --budget 60 --minutes ${MINUTES:-3.5} \
+        --noise-runs ${NOISE:-3} --same-seed-runs 0 --overlap-scoring --out $W/$N \
+        --cache-from ${CACHE:-$W/warm0/pysource/compile-cache} > $W/$N.log 2>&1 < /dev/null &
+    setsid nohup bash -c "mkdir -p $W/$N-lists; n=0; last=; while pgrep -f research_[y]ield.py \
+        > /dev/null; do c=\$(ls -d \${TMPDIR:-/tmp}/yield-*/pysource/runs/yield-pysource/compile-cache \\
+            2> /dev/null | head -1)
+        if [ -n \"\$c\" ]; then l=\$(cd \$c && find . -type f -printf '%P %s\\n' | sort)
+            if [ \"\$l\" != \"\$last\" ]; then n=\$((n + 1)); last=\$l
+                echo \"\$l\" > $W/$N-lists/\$n-\$(date +%H%M%S).txt; fi; fi; sleep 1; done" \
+        < /dev/null > /dev/null 2>&1 &
+    sleep 3; tail -n 2 $W/$N.log ;;
+chainreport)
+    N=${NAME:-yield-chain}
+    python bench/slot_share.py "$(dirname "$(find $W/$N -name experiments.jsonl)")" | sed -n 3,12p
+    python - $W/$N <<'PY'
+import glob, json, sys
+for f in glob.glob(sys.argv[1] + "/*/experiments.jsonl"):
+    for line in open(f):
+        r = json.loads(line); s = r.get("summary") or {}
+        fb = next((x for x in (r.get("log_tail") or "").splitlines() if x.startswith("fallback saved")), "")
+        end = r["phases"].get("train", 0) - float(s.get("total_seconds", "nan"))
+        print(f"#{r['number']} {r['role']}: exit {r.get('exit_code')}, stopped {r.get('stopped_at_deadline')}, "
+              f"summary at {s.get('total_seconds')} s, left {s.get('left_seconds')} s, process ended "
+              f"{end:.2f} s after it; {fb[16:]}")
+PY
+    for f in $(ls $W/$N-lists | sort -n); do echo "$f nv: $(grep -c '^nv/' $W/$N-lists/$f) files"; done ;;
 alone)
     loop_then_long yield-solo
     sleep 3; tail -n 2 $W/yield-solo.log ;;
