@@ -522,3 +522,28 @@ def test_a_process_a_trial_left_running_keeps_its_path_from_later_trials(
         reap(marker)
     assert survivors(marker) == []
     assert seen(trial(shown_folder(tmp_path, "later"), small_data)[0])["cwd"] == str(pool / "0")
+
+
+def test_a_candidate_that_swaps_its_folder_for_a_link_gets_nothing_removed_or_reused(
+        small_data, scratch, tmp_path):
+    # Mid-training the candidate moves its folder away and leaves a link to someone's folder at
+    # the pooled path: the runner moves the link (not its target) out and removes it, the
+    # target keeps everything, and the next trial at that path gets a real, fresh folder.
+    victim = tmp_path / "victim"
+    (victim / "out").mkdir(parents=True)
+    (victim / "cache").mkdir()
+    (victim / "precious").write_text("not the runner's to remove")
+    source = f"""
+        import os
+        here = os.getcwd()
+        os.chdir("/")
+        os.rename(here, {str(tmp_path / "moved")!r})
+        os.symlink({str(victim)!r}, here)
+    """
+    outcome = trial(candidate_named(tmp_path, "swaps", source), small_data)[0]
+    assert outcome.status == "invalid"                   # no model where its folder went
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == [
+        "cache", "out", "precious"]
+    after = seen(trial(shown_folder(tmp_path, "after"), small_data)[0])
+    assert after["cwd"] == str(pool_of(scratch) / "0") and "precious" not in after["found"]
+    assert not (pool_of(scratch) / "0").exists()
